@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="unetflow",
+    version="0.1.0",
+    description="Run and train a U-Net over microscopy images too big for one GPU: Zarr in, Dask blocks, Zarr out.",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["unetflow", "unetflow.*"]),
+    package_data={"unetflow": ["data/*.pt", "data/*.json", "data/*.md"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "dask[array]>=2024.8",
+        "distributed>=2024.8",
+        "dask-jobqueue>=0.8.5",
+        "zarr>=3.0.8",
+        "numcodecs>=0.15",
+        "tifffile>=2024.8",
+        "click>=8.1",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "psutil>=5.9",
+        # Any torch with weights_only loading; install a CUDA build yourself for GPUs.
+        "torch>=2.4",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2"],
+        "preview": ["matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["unetflow=unetflow.cli:main"]},
+)

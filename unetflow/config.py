@@ -1,0 +1,144 @@
+"""Frozen settings: every default and every validation of user-chosen values.
+
+Settings are built once at the edge (CLI flags, YAML, a checkpoint) and passed down.
+Nothing here imports another unetflow room but :mod:`unetflow.errors`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from unetflow.errors import ConfigError, ShapeError
+
+PADDINGS = ("valid", "same")
+NORMALISATIONS = ("percentile", "meanstd", "none")
+
+
+def choose(value: str, options: Sequence[str], *, what: str) -> str:
+    """Return *value* if it is one of *options*, else raise with a did-you-mean hint.
+
+    >>> choose("same", PADDINGS, what="padding")
+    'same'
+    """
+    text = str(value).strip().lower()
+    if text in options:
+        return text
+    close = difflib.get_close_matches(text, options, n=1)
+    hint = f" did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"{what} '{value}' is not one of {', '.join(options)};{hint} pass one of them")
+
+
+def parse_shape(value: Any, *, what: str, ndim: int | None = None) -> tuple[int, ...]:
+    """Turn ``"64,64"``, ``64`` or ``(64, 64)`` into a tuple of positive ints.
+
+    A single int is repeated *ndim* times when *ndim* is given.
+
+    >>> parse_shape("8,16", what="block shape")
+    (8, 16)
+    >>> parse_shape(4, what="patch shape", ndim=3)
+    (4, 4, 4)
+    """
+    if isinstance(value, str):
+        parts = [p for p in value.replace("x", ",").split(",") if p.strip()]
+        try:
+            items = [int(p) for p in parts]
+        except ValueError:
+            raise ConfigError(f"{what} '{value}' is not a list of integers; write it like 64,256,256") from None
+    elif isinstance(value, int):
+        items = [value] * (ndim or 1)
+    else:
+        items = [int(v) for v in value]
+    if len(items) == 1 and ndim:
+        items = items * ndim
+    if ndim is not None and len(items) != ndim:
+        raise ShapeError(f"{what} {tuple(items)} has {len(items)} axes but the image has {ndim} spatial axes; give {ndim} numbers")
+    if not items or any(v <= 0 for v in items):
+        raise ShapeError(f"{what} {tuple(items)} must be positive integers; give sizes >= 1")
+    return tuple(items)
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """How image intensities are normalised before the network sees them.
+
+    ``percentile``: map the ``low``..``high`` percentiles of the image to 0..1.
+    ``meanstd``: subtract the mean, divide by the standard deviation.
+    ``none``: cast to float32 only. The statistics themselves are measured per image
+    (on a bounded sample of its chunks) and recorded in the run config.
+    """
+
+    kind: str = "percentile"
+    low: float = 1.0
+    high: float = 99.8
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", choose(self.kind, NORMALISATIONS, what="normalisation"))
+        if not 0.0 <= self.low < self.high <= 100.0:
+            raise ConfigError(f"normalisation percentiles ({self.low}, {self.high}) must satisfy 0 <= low < high <= 100")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a U-Net: stored in every checkpoint and output.
+
+    Parameters
+    ----------
+    dims : 2 or 3 spatial dimensions.
+    in_channels : image channels the net expects.
+    classes : output channels (class scores).
+    padding : ``valid`` (the paper: unpadded convolutions) or ``same``.
+    depth : number of 2x poolings; the input must be a multiple of ``2**depth``.
+    width : channels of the first level; doubled at each level down.
+    norm : intensity normalisation used in training and inference.
+    class_names : what each output channel means, e.g. ``("background", "interior", "border")``.
+    """
+
+    dims: int = 3
+    in_channels: int = 1
+    classes: int = 2
+    padding: str = "same"
+    depth: int = 3
+    width: int = 16
+    norm: NormSpec = field(default_factory=NormSpec)
+    class_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "padding", choose(self.padding, PADDINGS, what="padding"))
+        if self.dims not in (2, 3):
+            raise ConfigError(f"model dims {self.dims} is not 2 or 3; pass --dims 2 or --dims 3")
+        for name in ("in_channels", "classes", "width"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"model {name} {getattr(self, name)} must be >= 1")
+        if not 0 <= self.depth <= 6:
+            raise ConfigError(f"model depth {self.depth} must be between 0 and 6")
+        if isinstance(self.norm, dict):
+            object.__setattr__(self, "norm", NormSpec(**self.norm))
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"model spec has unknown keys {unknown}; it was written by a newer unetflow, upgrade unetflow")
+        if isinstance(data.get("norm"), dict):
+            data["norm"] = NormSpec(**data["norm"])
+        return cls(**data)
+
+
+def to_dict(obj: Any) -> Any:
+    """A frozen dataclass tree as plain JSON-ready dicts, lists and scalars."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    return obj
