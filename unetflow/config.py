@@ -142,3 +142,94 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): to_dict(v) for k, v in obj.items()}
     return obj
+
+
+MIRRORS = ("reflect", "symmetric")
+OUTPUT_KINDS = ("probabilities", "labels")
+PROB_DTYPES = ("float32", "float16", "uint8")
+CLUSTER_KINDS = ("local", "inline", "address")
+
+
+@dataclass(frozen=True)
+class TilingSpec:
+    """How the image is cut: blocks (work units) and patches (forward passes).
+
+    ``None`` shapes are chosen from the model and the image (see ``run.resolve``).
+    """
+
+    block_shape: tuple[int, ...] | None = None
+    patch_shape: tuple[int, ...] | None = None
+    blend: str = "gaussian"
+    overlap: float = 0.25
+    halo: tuple[int, ...] | None = None
+    allow_small_halo: bool = False
+    mirror: str = "reflect"
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mirror", choose(self.mirror, MIRRORS, what="mirror mode"))
+        object.__setattr__(self, "blend", choose(self.blend, ("gaussian", "constant", "crop"), what="blend mode"))
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size {self.batch_size} must be >= 1")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ConfigError(f"overlap {self.overlap} must be in [0, 1); 0.25 or 0.5 are usual")
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """What is written and how: kind, dtype, chunks, shards, compression."""
+
+    kind: str = "probabilities"
+    dtype: str | None = None
+    chunk_shape: tuple[int, ...] | None = None
+    shard_shape: tuple[int, ...] | None = None
+    compression_level: int = 3
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", choose(self.kind, OUTPUT_KINDS, what="output kind"))
+        if self.kind == "probabilities" and self.dtype is not None:
+            object.__setattr__(self, "dtype", choose(self.dtype, PROB_DTYPES, what="probability dtype"))
+        if self.kind == "labels" and self.dtype is not None and not str(self.dtype).startswith("uint"):
+            raise ConfigError(f"labels dtype {self.dtype} must be an unsigned integer type like uint8; or leave it out")
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Where blocks run: ``local`` (a LocalCluster the run starts), ``address`` or ``inline``.
+
+    ``inline`` computes blocks one after another in this process, without Dask:
+    for debugging and small tests.
+    """
+
+    kind: str = "local"
+    workers: int = 1
+    gpus: int = 0
+    address: str | None = None
+    threads: int = 0
+    memory_limit: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", choose(self.kind, CLUSTER_KINDS, what="cluster kind"))
+        if self.workers < 1 or self.gpus < 0:
+            raise ConfigError(f"workers {self.workers} / gpus {self.gpus} must be >= 1 / >= 0")
+        if self.kind == "address" and not self.address:
+            raise ConfigError("cluster kind 'address' needs a scheduler address like tcp://host:8786; pass --scheduler")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One segmentation run: built by the CLI (or YAML), recorded in the output's attributes."""
+
+    input: str
+    output: str
+    model: str
+    tiling: TilingSpec = field(default_factory=TilingSpec)
+    output_settings: OutputSettings = field(default_factory=OutputSettings)
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    device: str = "auto"
+    amp: bool | None = None
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)

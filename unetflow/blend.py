@@ -1,0 +1,104 @@
+"""Weight windows and the write-box accumulator: pure array code.
+
+A block adds each patch's prediction, restricted to the block's write box, into an
+:class:`Accumulator`; :meth:`Accumulator.result` divides by the summed weights. Patches
+are added in one fixed global order, so a voxel's value does not depend on which
+block computed it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+
+from unetflow.geometry import Box
+
+
+@lru_cache(maxsize=16)
+def window(shape: tuple[int, ...], kind: str, sigma_scale: float = 0.125) -> np.ndarray:
+    """A separable weight window of *shape*, ndarray float32 with maximum 1.
+
+    ``gaussian`` uses sigma = ``sigma_scale`` * size per axis (MONAI's and nnU-Net's
+    default 1/8), floored at 1e-3 so that border voxels of a lone patch still count;
+    ``constant`` and ``none`` are all ones.
+
+    >>> window((3,), "constant").tolist()
+    [1.0, 1.0, 1.0]
+    >>> w = window((5,), "gaussian"); float(w.max()), bool(w[0] < w[2])
+    (1.0, True)
+    """
+    if kind not in ("gaussian", "constant", "none"):
+        raise ValueError(f"window kind {kind!r} is not gaussian or constant")
+    w = np.ones(shape, dtype=np.float64)
+    if kind == "gaussian":
+        for axis, n in enumerate(shape):
+            x = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+            sigma = max(sigma_scale * n, 1e-6)
+            g = np.exp(-0.5 * (x / sigma) ** 2)
+            view = [1] * len(shape)
+            view[axis] = n
+            w = w * g.reshape(view)
+        w = np.maximum(w / w.max(), 1e-3)
+    out = w.astype(np.float32)
+    out.setflags(write=False)
+    return out
+
+
+class Accumulator:
+    """Weighted sum of patch outputs over one write box.
+
+    Parameters
+    ----------
+    write_box : the region (output coordinates) this accumulator covers.
+    channels : output channels K.
+    weighted : False for tile and crop modes, where each voxel gets exactly one
+        contribution and is copied, not averaged.
+    """
+
+    def __init__(self, write_box: Box, channels: int, *, weighted: bool) -> None:
+        self.write_box = write_box
+        self.weighted = weighted
+        # float64 sums: a weighted average of equal values gives that value back exactly
+        dtype = np.float64 if weighted else np.float32
+        self.values = np.zeros((channels, *write_box.shape), dtype=dtype)
+        self.weights = np.zeros(write_box.shape, dtype=np.float64) if weighted else None
+        self.hits = None if weighted else np.zeros(write_box.shape, dtype=np.uint8)
+
+    def add(self, prediction: np.ndarray, tile_box: Box, weights: np.ndarray | None = None) -> None:
+        """Add *prediction* (ndarray of shape (K, *tile_box.shape)) located at *tile_box*."""
+        part = tile_box.intersect(self.write_box)
+        if part.is_empty():
+            return
+        src = (slice(None),) + part.relative_to(tile_box).to_slices()
+        dst = part.relative_to(self.write_box).to_slices()
+        if not self.weighted:
+            self.values[(slice(None),) + dst] = prediction[src]
+            self.hits[dst] += 1
+            return
+        w = weights[src[1:]].astype(np.float64)
+        self.values[(slice(None),) + dst] += prediction[src] * w
+        self.weights[dst] += w
+
+    def result(self) -> np.ndarray:
+        """The blended values, ndarray float32 of shape (K, *write_box.shape).
+
+        Raises
+        ------
+        RuntimeError
+            A voxel received no contribution, or (tile and crop modes) more than one:
+            a planning bug, never a user error.
+        """
+        if not self.weighted:
+            if self.hits.min() != 1 or self.hits.max() != 1:
+                raise RuntimeError(f"write box {self.write_box} got {self.hits.min()}..{self.hits.max()} tiles per voxel, not 1")
+            return self.values
+        if self.weights.min() <= 0:
+            raise RuntimeError(f"write box {self.write_box} has voxels no patch covered")
+        return (self.values / self.weights).astype(np.float32)
+
+
+def tile_weights(tile_shape: Sequence[int], kind: str) -> np.ndarray:
+    """The window for one patch tile (``none`` for unweighted modes)."""
+    return window(tuple(int(s) for s in tile_shape), kind)

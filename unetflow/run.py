@@ -1,0 +1,256 @@
+"""The only orchestration: ``segment(config)`` as a sequence of named steps.
+
+Data flows one way: config -> input and model checks -> plan -> output created ->
+blocks scheduled -> report. Everything a user can get wrong is checked before the
+output is touched or any block runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+import unetflow
+from unetflow import schedule, store
+from unetflow.config import RunConfig, parse_shape, to_dict
+from unetflow.errors import ShapeError
+from unetflow.infer import BlockJob, BlockResult, CheckpointSource, NetInfo, OutputSpec, net_info, norm_stats, run_block
+from unetflow.plan import Plan, make_tiling
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATCH = {2: 256, 3: 64}
+DEFAULT_BLOCK = {2: 1024, 3: 128}
+DEFAULT_CHUNK = {2: 256, 3: 64}
+
+
+@dataclass
+class Prepared:
+    """Everything checked and derived before any work: the run's full picture."""
+
+    config: RunConfig
+    info: NetInfo
+    spec: dict[str, Any] | None
+    norm: Any
+    layout: store.Layout
+    plan: Plan
+    chunk_shape: tuple[int, ...]
+    shard_shape: tuple[int, ...] | None
+    output: OutputSpec
+    source: Any
+
+    def summary(self) -> dict[str, Any]:
+        out = self.plan.summary()
+        out.update(
+            input=self.config.input,
+            output=self.config.output,
+            channels=self.layout.channels,
+            classes=self.info.classes,
+            output_kind=self.output.kind,
+            output_dtype=self.output.dtype,
+            chunk_shape=list(self.chunk_shape),
+            shard_shape=list(self.shard_shape) if self.shard_shape else None,
+            memory_per_worker_mb=round(estimate_memory(self) / 2**20, 1),
+        )
+        return out
+
+
+@dataclass
+class RunReport:
+    """What a finished run reports (and writes next to the output)."""
+
+    summary: dict[str, Any]
+    blocks_done: int = 0
+    seconds: float = 0.0
+    voxels: int = 0
+    results: list[BlockResult] = field(default_factory=list)
+
+    @property
+    def voxels_per_second(self) -> float:
+        return self.voxels / self.seconds if self.seconds > 0 else 0.0
+
+
+def prepare(config: RunConfig, *, source: Any = None) -> Prepared:
+    """Check the input, the model and the settings; derive the plan. Touches nothing."""
+    source = source or CheckpointSource(config.model)
+    net = source.load()
+    info = net_info(net)
+    spec = net.spec.to_dict() if hasattr(net, "spec") else None
+    norm = net.spec.norm if hasattr(net, "spec") else _no_norm()
+    array = store.open_input(config.input)
+    layout = store.layout_for(array, info.dims, name=config.input)
+    if layout.channels != info.in_channels:
+        raise ShapeError(
+            f"input {config.input} has {layout.channels} channel(s) but the model takes {info.in_channels}; "
+            "use a model trained on this channel count or select the channels into a new array"
+        )
+    t = config.tiling
+    dims = info.dims
+    patch = parse_shape(t.patch_shape, what="patch shape", ndim=dims) if t.patch_shape else default_patch(info, layout)
+    block = parse_shape(t.block_shape, what="block shape", ndim=dims) if t.block_shape else (DEFAULT_BLOCK[dims],) * dims
+    chunks, shards = output_chunks(config, block)
+    tiling = make_tiling(info.geometry, patch, blend=t.blend, overlap=t.overlap, halo=t.halo, allow_small_halo=t.allow_small_halo)
+    plan = Plan(layout.spatial_shape, block, tiling)
+    return Prepared(config, info, spec, norm, layout, plan, chunks, shards, output_spec(config, info), source)
+
+
+def _no_norm() -> Any:
+    from unetflow.config import NormSpec
+
+    return NormSpec(kind="none")
+
+
+def default_patch(info: NetInfo, layout: store.Layout) -> tuple[int, ...]:
+    """A patch per axis: the default size, shrunk towards small images, valid for the net."""
+    out = []
+    for n in layout.spatial_shape:
+        target = min(DEFAULT_PATCH[info.dims], max(n, 1))
+        out.append(smallest_valid_patch(info.geometry, target))
+    return tuple(out)
+
+
+def smallest_valid_patch(geometry: Any, at_least: int) -> int:
+    """The smallest input size >= *at_least* the net takes (and whose tile is not empty)."""
+    for n in range(max(1, at_least), at_least + 8 * geometry.input_multiple + 4 * geometry.margin + 64):
+        try:
+            out = geometry.output_size(n)
+        except ShapeError:
+            continue
+        if out >= geometry.input_multiple:
+            return n
+    raise ShapeError(f"no valid patch size near {at_least} for this model; pass --patch-shape explicitly")
+
+
+def output_chunks(config: RunConfig, block: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """Output chunk and shard shapes; the block's write box must be whole chunks (or shards)."""
+    o = config.output_settings
+    dims = len(block)
+    if o.chunk_shape:
+        chunks = parse_shape(o.chunk_shape, what="chunk shape", ndim=dims)
+    else:
+        chunks = tuple(DEFAULT_CHUNK[dims] if b % DEFAULT_CHUNK[dims] == 0 else b for b in block)
+    shards = parse_shape(o.shard_shape, what="shard shape", ndim=dims) if o.shard_shape else None
+    unit, name = (shards, "shard") if shards else (chunks, "chunk")
+    if shards and any(s % c for s, c in zip(shards, chunks)):
+        raise ShapeError(f"shard shape {shards} is not a multiple of chunk shape {chunks}; pass --shard-shape as whole chunks")
+    if any(b % u for b, u in zip(block, unit)):
+        fix = tuple(max(u, (b // u) * u) for b, u in zip(block, unit))
+        raise ShapeError(
+            f"block shape {tuple(block)} is not a multiple of the output {name} shape {unit}, so two blocks would write "
+            f"one {name}; pass --block-shape {','.join(map(str, fix))}"
+        )
+    return chunks, shards
+
+
+def output_spec(config: RunConfig, info: NetInfo) -> OutputSpec:
+    o = config.output_settings
+    if o.kind == "labels":
+        smallest = "uint8" if info.classes <= 256 else "uint16"
+        return OutputSpec("labels", o.dtype or smallest)
+    return OutputSpec("probabilities", o.dtype or "float32")
+
+
+def estimate_memory(p: Prepared) -> int:
+    """Bytes a worker holds for its largest block: read box, accumulators, a batch, activations."""
+    t = p.plan.tiling
+    read = math.prod(p.plan.max_read_shape()) * p.layout.channels * (4 + 4)
+    write = math.prod(p.plan.block_shape) * (p.info.classes * 4 + 4 + 4)
+    patch = math.prod(t.patch)
+    batch = p.config.tiling.batch_size * patch * (p.layout.channels + p.info.classes) * 4
+    acts = 0
+    if p.spec:
+        width, depth, dims = p.spec["width"], p.spec["depth"], p.spec["dims"]
+        acts = sum(3 * width * 2**lvl * patch // 2 ** (dims * lvl) * 4 for lvl in range(depth + 1))
+        acts *= p.config.tiling.batch_size
+    return read + write + batch + acts
+
+
+def output_attributes(p: Prepared, stats: Sequence[Sequence[float]]) -> dict[str, Any]:
+    return {
+        "unetflow": {
+            "version": unetflow.__version__,
+            "config": p.config.to_dict(),
+            "model": {"spec": p.spec, "source": p.source.describe() if hasattr(p.source, "describe") else repr(p.source)},
+            "plan": p.plan.summary(),
+            "norm_stats": [list(s) for s in stats],
+            "output": to_dict(p.output),
+        }
+    }
+
+
+def segment(config: RunConfig, *, source: Any = None, progress: bool = True) -> RunReport:
+    """Run a whole segmentation: check, plan, create the output, run every block, report.
+
+    Raises
+    ------
+    UnetflowError
+        Bad input or settings (before anything is written), or failed blocks.
+    """
+    p = prepare(config, source=source)
+    report = RunReport(summary=p.summary())
+    if config.dry_run:
+        return report
+    array = store.open_input(config.input)
+    stats = norm_stats(store.sample_voxels(array, layout=p.layout), p.norm)
+    create_output_array(p, stats)
+    job = make_job(p, stats)
+    t0 = time.perf_counter()
+    with _progress(p.plan.n_blocks, enabled=progress) as bar:
+        def on_result(result: BlockResult) -> None:
+            report.results.append(result)
+            report.blocks_done += 1
+            report.voxels += result.voxels
+            bar.update(1)
+            bar.set_postfix_str(f"{report.voxels / max(time.perf_counter() - t0, 1e-9):.3g} vox/s")
+            log.info("block %d done: %d patches, %.2fs on %s (pid %d)", result.block_id, result.n_patches, result.seconds, result.device, result.pid)
+
+        failures = _dispatch(config, job, list(range(p.plan.n_blocks)), on_result)
+    report.seconds = time.perf_counter() - t0
+    schedule.raise_failures(failures, p.plan.n_blocks)
+    return report
+
+
+def create_output_array(p: Prepared, stats: Sequence[Sequence[float]]) -> None:
+    o = p.config.output_settings
+    spatial = p.layout.spatial_shape
+    names = ("z", "y", "x")[-len(spatial):]
+    if p.output.kind == "labels":
+        shape, chunks, shards, dim_names = spatial, p.chunk_shape, p.shard_shape, names
+    else:
+        k = p.info.classes
+        shape, chunks = (k, *spatial), (k, *p.chunk_shape)
+        shards = (k, *p.shard_shape) if p.shard_shape else None
+        dim_names = ("c", *names)
+    store.create_output(
+        p.config.output, shape=shape, chunks=chunks, shards=shards, dtype=p.output.dtype, dimension_names=dim_names,
+        attributes=output_attributes(p, stats), overwrite=o.overwrite, compression_level=o.compression_level,
+    )
+
+
+def make_job(p: Prepared, stats: Sequence[Sequence[float]]) -> BlockJob:
+    c = p.config
+    return BlockJob(
+        input_path=os.path.abspath(c.input), output_path=os.path.abspath(c.output), plan=p.plan, layout=p.layout,
+        source=p.source, norm=p.norm, norm_stats=tuple(tuple(s) for s in stats), output=p.output,
+        mirror=c.tiling.mirror, batch_size=c.tiling.batch_size, device=c.device, amp=c.amp,
+        threads=schedule.cpu_threads_per_worker(c.cluster) if c.cluster.kind != "inline" else 0,
+    )
+
+
+def _dispatch(config: RunConfig, job: BlockJob, block_ids: list[int], on_result: Any) -> list[schedule.BlockFailure]:
+    if config.cluster.kind == "inline":
+        return schedule.run_inline(run_block, job, block_ids, on_result=on_result)
+    with schedule.open_client(config.cluster) as client:
+        return schedule.run_blocks(client, run_block, job, block_ids, on_result=on_result)
+
+
+def _progress(total: int, *, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="block", disable=not enabled, dynamic_ncols=True, mininterval=0.5)
