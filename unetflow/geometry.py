@@ -168,7 +168,7 @@ def patch_index_range(starts: Sequence[int], tile: int, lo: int, hi: int) -> ran
 
     *starts* must be sorted.
 
-    >>> list(patch_index_range((0, 3, 6), 4, 4, 6))
+    >>> list(patch_index_range((0, 3, 6), 4, 3, 6))
     [0, 1]
     """
     ks = [k for k, s in enumerate(starts) if s < hi and s + tile > lo]

@@ -1,0 +1,215 @@
+"""The ``unetflow`` command line: flags -> frozen config -> ``run.*``.
+
+Heavy libraries are imported inside commands so that ``unetflow --help`` is instant.
+Every :class:`~unetflow.errors.UnetflowError` becomes one line on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+import click
+
+from unetflow import __version__
+from unetflow.errors import UnetflowError, one_line
+
+log = logging.getLogger("unetflow")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("unetflow")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a UnetflowError into ``error: <one line>`` on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UnetflowError as err:
+            click.echo(f"error: {one_line(str(err))}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="unetflow")
+def main() -> None:
+    """Run (and train) a U-Net over microscopy images too big for one GPU.
+
+    Images are Zarr arrays (v2 or v3), 2-D (Y, X) or 3-D (Z, Y, X), optionally with a
+    leading channel axis. Work is cut into blocks that line up with the output's
+    chunks, run on a Dask cluster, and written back as a chunked Zarr v3 array.
+    """
+
+
+def _shape(value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    from unetflow.config import parse_shape
+
+    return parse_shape(value, what="shape")
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT")
+@click.argument("output_path", metavar="OUTPUT")
+@click.option("--model", "model", required=True, type=click.Path(dir_okay=False), help="A unetflow checkpoint (.pt): `unetflow model init` or `unetflow train` makes one.")
+@click.option("--workers", type=int, default=1, show_default=True, help="CPU worker processes. 0 runs blocks in this process without Dask (debugging). Each worker holds one block and one model; more workers: more memory.")
+@click.option("--gpus", type=int, default=0, show_default=True, help="One worker per GPU, each pinned with CUDA_VISIBLE_DEVICES. Overrides --workers.")
+@click.option("--scheduler", default=None, help="Address of a running Dask scheduler (tcp://host:8786) to use instead of starting a cluster.")
+@click.option("--block-shape", default=None, help="Write box per block, e.g. 128,128,128 (default 3-D 128^3, 2-D 1024^2). Larger blocks: less halo re-read and fewer seams to compute twice, more memory per worker. Must be whole output chunks (or shards).")
+@click.option("--patch-shape", default=None, help="Input shape of one forward pass (default 3-D 64^3, 2-D 256^2, fitted to the model). Larger patches: less overlap overhead, more GPU memory.")
+@click.option("--chunk-shape", default=None, help="Output chunk shape (spatial; default 64^3 / 256^2 or the block shape).")
+@click.option("--shard-shape", default=None, help="Output shard shape (Zarr v3 sharding; whole chunks). Blocks then align to shards.")
+@click.option("--blend", type=click.Choice(["gaussian", "constant", "crop"]), default="gaussian", show_default=True, help="For `same` nets: blend overlapping patches with a gaussian or flat window, or keep each patch's centre (crop, exact but needs a halo >= the receptive radius). `valid` nets always overlap-tile exactly.")
+@click.option("--overlap", type=float, default=0.25, show_default=True, help="Blend overlap as a fraction of the patch. More overlap: smoother seams, more compute (0.5 doubles it per axis).")
+@click.option("--halo", default=None, help="Crop mode: voxels dropped on each side of a patch (default: the receptive radius).")
+@click.option("--allow-small-halo", is_flag=True, help="Crop mode: accept a halo smaller than the receptive radius (results then depend on the tiling; warns).")
+@click.option("--mirror", type=click.Choice(["reflect", "symmetric"]), default="reflect", show_default=True, help="How context outside the image is filled (numpy names).")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Patches per forward pass. Larger: better GPU use, more memory.")
+@click.option("--output", "output_kind", type=click.Choice(["probabilities", "labels"]), default="probabilities", show_default=True, help="Class probabilities (C, ...) or argmax labels.")
+@click.option("--dtype", default=None, help="Probabilities: float32 (default), float16 or uint8 (x255, 4x smaller). Labels: the smallest unsigned type that fits.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output. Without it an existing output is never touched.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (blocks, shapes, redundancy, memory per worker) and stop.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu or cuda.")
+@click.option("--amp/--no-amp", default=None, help="Mixed precision (bf16). Default: on for GPUs, off on CPU.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@click.option("-v", "--verbose", count=True, help="-v: a log line per block; -vv: debug.")
+@friendly_errors
+def segment(input_path: str, output_path: str, model: str, workers: int, gpus: int, scheduler: str | None, block_shape: str | None,
+            patch_shape: str | None, chunk_shape: str | None, shard_shape: str | None, blend: str, overlap: float, halo: str | None,
+            allow_small_halo: bool, mirror: str, batch_size: int, output_kind: str, dtype: str | None, overwrite: bool,
+            dry_run: bool, device: str, amp: bool | None, progress: bool, verbose: int) -> None:
+    """Segment INPUT (a Zarr array) into OUTPUT (a new Zarr v3 array).
+
+    \b
+    Examples:
+      unetflow segment raw.zarr pred.zarr --model unet.pt --gpus 4
+      unetflow segment data.zarr/em/raw pred.zarr --model unet.pt --workers 2 --block-shape 256,256,256
+      unetflow segment raw.zarr pred.zarr --model unet.pt --dry-run
+    """
+    _setup_logging(verbose)
+    from unetflow import run
+    from unetflow.config import ClusterSpec, OutputSettings, RunConfig, TilingSpec
+
+    if scheduler:
+        cluster = ClusterSpec(kind="address", address=scheduler)
+    elif workers == 0 and not gpus:
+        cluster = ClusterSpec(kind="inline")
+    else:
+        cluster = ClusterSpec(kind="local", workers=max(workers, 1), gpus=gpus)
+    config = RunConfig(
+        input=input_path, output=output_path, model=model,
+        tiling=TilingSpec(block_shape=_shape(block_shape), patch_shape=_shape(patch_shape), blend=blend, overlap=overlap,
+                          halo=_shape(halo), allow_small_halo=allow_small_halo, mirror=mirror, batch_size=batch_size),
+        output_settings=OutputSettings(kind=output_kind, dtype=dtype, chunk_shape=_shape(chunk_shape),
+                                       shard_shape=_shape(shard_shape), overwrite=overwrite),
+        cluster=cluster, device=device, amp=amp, dry_run=dry_run,
+    )
+    report = run.segment(config, progress=progress)
+    if dry_run:
+        _print_plan(report.summary)
+        return
+    click.echo(
+        f"wrote {output_path}: {report.blocks_done} blocks, {report.voxels} voxels in {report.seconds:.1f}s "
+        f"({report.voxels_per_second:.3g} voxels/s)"
+    )
+
+
+def _print_plan(summary: dict[str, Any]) -> None:
+    click.echo("plan (nothing computed):")
+    for key, value in summary.items():
+        click.echo(f"  {key:22s} {value}")
+
+
+@main.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly_errors
+def info(path: str, as_json: bool) -> None:
+    """Describe a Zarr array: shape, dtype, chunks, shards, codecs, dimension names, attributes."""
+    from unetflow import store
+
+    meta = store.describe(path)
+    if as_json:
+        click.echo(json.dumps(meta, indent=2, default=str))
+        return
+    for key, value in meta.items():
+        if key == "attributes":
+            value = json.dumps(value, default=str)[:400]
+        click.echo(f"{key:16s} {value}")
+
+
+@main.group()
+def model() -> None:
+    """Make and inspect model checkpoints."""
+
+
+@model.command("init")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--dims", type=click.Choice(["2", "3"]), default="3", show_default=True)
+@click.option("--padding", type=click.Choice(["valid", "same"]), default="same", show_default=True, help="valid: the paper's unpadded convolutions, exact overlap-tile stitching, output smaller than input by a margin. same: output = input, patches blended.")
+@click.option("--depth", type=int, default=3, show_default=True, help="Poolings; inputs must be multiples of 2**depth. Deeper: larger receptive field, larger halo.")
+@click.option("--width", type=int, default=16, show_default=True, help="Channels of the first level (doubled per level). Wider: better, slower.")
+@click.option("--channels", type=int, default=1, show_default=True, help="Input channels.")
+@click.option("--classes", type=int, default=2, show_default=True, help="Output classes.")
+@click.option("--norm", type=click.Choice(["percentile", "meanstd", "none"]), default="percentile", show_default=True, help="Intensity normalisation, applied alike in training and inference.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+@friendly_errors
+def model_init(path: str, dims: str, padding: str, depth: int, width: int, channels: int, classes: int, norm: str, seed: int, overwrite: bool) -> None:
+    """Write a fresh, untrained U-Net checkpoint to PATH."""
+    import os
+
+    import torch
+
+    from unetflow.config import ModelSpec, NormSpec
+    from unetflow.errors import OutputExistsError
+    from unetflow.model.checkpoint import save_checkpoint
+    from unetflow.model.unet import UNet
+
+    if os.path.exists(path) and not overwrite:
+        raise OutputExistsError(f"model file {path} already exists; pass --overwrite to replace it or choose another path")
+    spec = ModelSpec(dims=int(dims), in_channels=channels, classes=classes, padding=padding, depth=depth, width=width, norm=NormSpec(kind=norm))
+    torch.manual_seed(seed)
+    save_checkpoint(path, UNet(spec), extra={"made_by": f"unetflow model init (seed {seed})"})
+    click.echo(f"wrote {path}: {spec.dims}-D {spec.padding} U-Net, depth {spec.depth}, width {spec.width}, {spec.classes} classes")
+
+
+@model.command("info")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--probe", is_flag=True, help="Also measure the receptive field with an impulse response (slower).")
+@friendly_errors
+def model_info(path: str, probe: bool) -> None:
+    """Print a checkpoint's spec and geometry: input multiple, margin, receptive field."""
+    from unetflow.model.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    click.echo(f"path             {path}")
+    click.echo(f"unetflow version {ckpt.unetflow_version}")
+    for key, value in ckpt.spec.to_dict().items():
+        click.echo(f"{key:16s} {value}")
+    for key, value in ckpt.net.geometry.describe().items():
+        click.echo(f"{key:16s} {value}")
+    n_params = sum(p.numel() for p in ckpt.net.parameters())
+    click.echo(f"{'parameters':16s} {n_params}")
+    if probe:
+        from unetflow.model.unet import probe_receptive_radius
+
+        click.echo(f"{'probed radius':16s} {probe_receptive_radius(ckpt.net)}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
