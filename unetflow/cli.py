@@ -171,20 +171,11 @@ def model() -> None:
 @friendly_errors
 def model_init(path: str, dims: str, padding: str, depth: int, width: int, channels: int, classes: int, norm: str, seed: int, overwrite: bool) -> None:
     """Write a fresh, untrained U-Net checkpoint to PATH."""
-    import os
-
-    import torch
-
     from unetflow.config import ModelSpec, NormSpec
-    from unetflow.errors import OutputExistsError
-    from unetflow.model.checkpoint import save_checkpoint
-    from unetflow.model.unet import UNet
+    from unetflow.model.make import init_checkpoint
 
-    if os.path.exists(path) and not overwrite:
-        raise OutputExistsError(f"model file {path} already exists; pass --overwrite to replace it or choose another path")
     spec = ModelSpec(dims=int(dims), in_channels=channels, classes=classes, padding=padding, depth=depth, width=width, norm=NormSpec(kind=norm))
-    torch.manual_seed(seed)
-    save_checkpoint(path, UNet(spec), extra={"made_by": f"unetflow model init (seed {seed})"})
+    init_checkpoint(path, spec, seed=seed, overwrite=overwrite)
     click.echo(f"wrote {path}: {spec.dims}-D {spec.padding} U-Net, depth {spec.depth}, width {spec.width}, {spec.classes} classes")
 
 
