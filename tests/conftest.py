@@ -33,3 +33,19 @@ def image3d(tmp_path):
 def image2d(tmp_path):
     data = random_image((37, 45))
     return write_zarr(tmp_path / "raw2d.zarr", data), data
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip without CUDA."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
