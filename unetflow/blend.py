@@ -102,3 +102,39 @@ class Accumulator:
 def tile_weights(tile_shape: Sequence[int], kind: str) -> np.ndarray:
     """The window for one patch tile (``none`` for unweighted modes)."""
     return window(tuple(int(s) for s in tile_shape), kind)
+
+
+def extend_front_axis(acc: Accumulator, stop: int) -> Accumulator:
+    """A copy of *acc* whose write box reaches *stop* along axis 0 (new voxels empty).
+
+    Used by the streamed block loop (:func:`unetflow.infer.predict_block_streamed`):
+    the accumulator only ever holds the planes that patches still touch.
+    """
+    box = acc.write_box
+    if stop <= box.stop[0]:
+        return acc
+    grown = Accumulator(Box(box.offset, (stop - box.offset[0], *box.shape[1:])), acc.values.shape[0], weighted=acc.weighted)
+    n = box.shape[0]
+    grown.values[:, :n] = acc.values
+    if acc.weighted:
+        grown.weights[:n] = acc.weights
+    else:
+        grown.hits[:n] = acc.hits
+    return grown
+
+
+def pop_front(acc: Accumulator, n: int) -> tuple[np.ndarray, Accumulator]:
+    """Finish the first *n* planes (axis 0) of *acc*: their result and the rest, still open.
+
+    The caller guarantees no later patch touches those planes (patches come in the
+    global order, axis 0 outermost).
+    """
+    box = acc.write_box
+    head = Accumulator(Box(box.offset, (n, *box.shape[1:])), acc.values.shape[0], weighted=acc.weighted)
+    rest = Accumulator(Box((box.offset[0] + n, *box.offset[1:]), (box.shape[0] - n, *box.shape[1:])), acc.values.shape[0], weighted=acc.weighted)
+    head.values, rest.values = acc.values[:, :n], acc.values[:, n:].copy()
+    if acc.weighted:
+        head.weights, rest.weights = acc.weights[:n], acc.weights[n:].copy()
+    else:
+        head.hits, rest.hits = acc.hits[:n], acc.hits[n:].copy()
+    return head.result(), rest

@@ -7,9 +7,14 @@ is small and picklable; the model is loaded once per worker process and kept
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
+import math
 import os
+import resource
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Protocol
@@ -18,8 +23,9 @@ import numpy as np
 import torch
 
 from unetflow import store
-from unetflow.blend import Accumulator, tile_weights
+from unetflow.blend import Accumulator, extend_front_axis, pop_front, tile_weights
 from unetflow.config import NormSpec
+from unetflow.errors import ConfigError
 from unetflow.geometry import Box
 from unetflow.plan import Block, Plan
 
@@ -92,6 +98,11 @@ class BlockJob:
     device: str = "auto"
     amp: bool | None = None
     threads: int = 0
+    flush_planes: int = 0  # write finished planes (axis 0) in multiples of this; 0: once per block
+    skip_empty: bool = False
+    skip_threshold: float | None = None  # with skip_empty: also skip blocks whose input max is below it
+    mask_path: str | None = None
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,10 +117,19 @@ class BlockResult:
     seconds_write: float
     device: str
     pid: int
+    seconds_wait: float = 0.0  # compute loop idle, waiting on a read or a full write queue
+    seconds_wall: float = 0.0
+    peak_rss: int = 0  # bytes, the worker process's peak resident set so far
+    skipped: str = ""  # "", "empty" or "mask": written as the fill value, model not run
 
     @property
     def seconds(self) -> float:
         return self.seconds_read + self.seconds_compute + self.seconds_write
+
+    @property
+    def busy(self) -> float:
+        """Fraction of the block's wall time the model computed (GPU busy fraction on GPUs)."""
+        return self.seconds_compute / self.seconds_wall if self.seconds_wall > 0 else 0.0
 
 
 def pick_device(device: str) -> torch.device:
@@ -119,42 +139,91 @@ def pick_device(device: str) -> torch.device:
 
 
 class Predictor:
-    """A resident network on one device: float32 patches in, activated outputs out."""
+    """A resident network on one device: float32 patches in, activated outputs out.
 
-    def __init__(self, net: torch.nn.Module, *, device: torch.device, amp: bool) -> None:
+    On a GPU the net runs channels-last, batches go through a pinned host buffer with
+    non-blocking copies, and ``amp`` runs it in bf16 (fp16 where bf16 is missing).
+    """
+
+    def __init__(self, net: torch.nn.Module, *, device: torch.device, amp: bool, compile: bool = False) -> None:
         self.info = net_info(net)
         self.device = device
         self.amp = amp
         self.net = net.to(device).eval()
+        self._pinned: torch.Tensor | None = None
+        self.memory_format = torch.preserve_format
+        if device.type == "cuda":
+            self.memory_format = torch.channels_last_3d if self.info.dims == 3 else torch.channels_last
+            self.net = self.net.to(memory_format=self.memory_format)
+        self.amp_dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+        self.forward = torch.compile(self.net, dynamic=False) if compile else self.net
+
+    def _to_device(self, batch: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(batch)
+        if self.device.type != "cuda":
+            return x
+        if self._pinned is None or self._pinned.numel() < x.numel():
+            self._pinned = torch.empty(x.numel(), dtype=torch.float32, pin_memory=True)
+        staged = self._pinned[: x.numel()].view(x.shape).copy_(x)
+        return staged.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
 
     @torch.inference_mode()
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """*batch*: ndarray float32 of shape (B, C, *patch) -> (B, K, *out) float32."""
-        x = torch.from_numpy(batch).to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            y = self.net(x)
-        y = y.float()
-        if self.info.activation == "softmax":
-            y = torch.softmax(y, dim=1)
-        elif self.info.activation == "sigmoid":
-            y = torch.sigmoid(y)
-        return y.cpu().numpy()
+        """*batch*: ndarray float32 of shape (B, C, *patch) -> (B, K, *out) float32.
+
+        Raises
+        ------
+        ConfigError
+            The GPU ran out of memory: the message names ``--batch-size`` and ``--patch-shape``.
+        """
+        try:
+            x = self._to_device(batch)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+                y = self.forward(x)
+            y = y.float()
+            if self.info.activation == "softmax":
+                y = torch.softmax(y, dim=1)
+            elif self.info.activation == "sigmoid":
+                y = torch.sigmoid(y)
+            return y.cpu().numpy()
+        except torch.cuda.OutOfMemoryError:
+            raise ConfigError(
+                f"out of GPU memory on {self.device} for a batch of {batch.shape[0]} patches of shape {tuple(batch.shape[2:])}; "
+                "pass a smaller --batch-size (or --batch-size 0 to size it from free memory) or a smaller --patch-shape"
+            ) from None
 
 
-_PREDICTORS: dict[tuple[Any, str, bool], Predictor] = {}
+_PREDICTORS: dict[tuple[Any, str, bool, bool], Predictor] = {}
 
 
-def get_predictor(source: Any, *, device: str = "auto", amp: bool | None = None, threads: int = 0) -> Predictor:
+def get_predictor(source: Any, *, device: str = "auto", amp: bool | None = None, threads: int = 0, compile: bool = False) -> Predictor:
     """The worker's resident predictor for *source*: loaded on first use, then reused."""
     dev = pick_device(device)
-    use_amp = (dev.type == "cuda") if amp is None else bool(amp and dev.type == "cuda")
-    key = (source, str(dev), use_amp)
+    use_amp = (dev.type == "cuda") if amp is None else bool(amp)
+    key = (source, str(dev), use_amp, compile)
     if key not in _PREDICTORS:
         if threads > 0 and dev.type == "cpu":
             torch.set_num_threads(threads)
         log.debug("loading model %s on %s (pid %d)", source, dev, os.getpid())
-        _PREDICTORS[key] = Predictor(source.load(), device=dev, amp=use_amp)
+        _PREDICTORS[key] = Predictor(source.load(), device=dev, amp=use_amp, compile=compile)
     return _PREDICTORS[key]
+
+
+def auto_batch_size(predictor: Predictor, patch: tuple[int, ...], requested: int) -> int:
+    """*requested*, or (0) 1 on CPU (measured fastest there, see BENCHMARKS.md) and on GPU
+    as many patches as fit in half the free memory by an activation estimate."""
+    if requested > 0:
+        return requested
+    if predictor.device.type != "cuda":
+        return 1
+    free, _ = torch.cuda.mem_get_info(predictor.device)
+    spec = getattr(predictor.net, "spec", None)
+    width = getattr(spec, "width", 32)
+    depth = getattr(spec, "depth", 4)
+    voxels = math.prod(patch)
+    per_patch = sum(6 * width * 2**lvl * voxels // 2 ** (len(patch) * lvl) for lvl in range(depth + 1))
+    per_patch *= 2 if predictor.amp else 4
+    return int(max(1, min(64, free // 2 // max(per_patch, 1))))
 
 
 @lru_cache(maxsize=8)
@@ -226,20 +295,195 @@ def convert_output(values: np.ndarray, output: OutputSpec) -> np.ndarray:
 
 
 def run_block(job: BlockJob, block_id: int) -> BlockResult:
-    """Compute and write one block. Idempotent: running it twice writes the same bytes."""
+    """Compute and write one block. Idempotent: running it twice writes the same bytes.
+
+    The block streams along axis 0 (see :func:`predict_block_streamed`): a reader
+    thread reads and normalises the next row of patches while the model computes this
+    one, and a writer thread converts, compresses and writes finished planes meanwhile.
+    """
     t0 = time.perf_counter()
     block = job.plan.block(block_id)
-    raw = store.read_box(_open_input(job.input_path), block.read_box, layout=job.layout, mode=job.mirror, name=job.input_path)
-    image = normalise(raw, job.norm, job.norm_stats)
-    t1 = time.perf_counter()
-    predictor = get_predictor(job.source, device=job.device, amp=job.amp, threads=job.threads)
-    values = predict_block(job, block, image, predictor)
-    data = convert_output(values, job.output)
-    t2 = time.perf_counter()
-    store.write_box(_open_output(job.output_path), block.write_box, data, channel_axis=job.output.kind != "labels")
-    t3 = time.perf_counter()
+    skipped = skip_reason(job, block)
+    if skipped:
+        t1 = time.perf_counter()
+        log.debug("block %d skipped (%s)", block_id, skipped)
+        return BlockResult(block_id, 0, block.write_box.size, t1 - t0, 0.0, 0.0, "-", os.getpid(),
+                           seconds_wall=t1 - t0, peak_rss=peak_rss(), skipped=skipped)
+    predictor = get_predictor(job.source, device=job.device, amp=job.amp, threads=job.threads, compile=job.compile)
+    tel = Telemetry()
+    predict_block_streamed(job, block, predictor, tel)
+    wall = time.perf_counter() - t0
     log.debug(
-        "block %d write %s read %s patches %d read %.3fs compute %.3fs write %.3fs on %s",
-        block_id, block.write_box, block.read_box, block.n_patches, t1 - t0, t2 - t1, t3 - t2, predictor.device,
+        "block %d write %s read %s patches %d read %.3fs compute %.3fs write %.3fs wait %.3fs wall %.3fs on %s",
+        block_id, block.write_box, block.read_box, block.n_patches, tel.read, tel.compute, tel.write, tel.wait, wall, predictor.device,
     )
-    return BlockResult(block_id, block.n_patches, block.write_box.size, t1 - t0, t2 - t1, t3 - t2, str(predictor.device), os.getpid())
+    return BlockResult(block_id, block.n_patches, block.write_box.size, tel.read, tel.compute, tel.write, str(predictor.device),
+                       os.getpid(), seconds_wait=tel.wait, seconds_wall=wall, peak_rss=peak_rss())
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes (Linux reports KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# --- the per-worker pipeline (issue 6) ------------------------------------------------
+
+_POOLS: dict[str, ThreadPoolExecutor] = {}
+MAX_PENDING_WRITES = 2
+
+
+def _pool(name: str) -> ThreadPoolExecutor:
+    """One reader and one writer thread per worker process, kept across blocks."""
+    if name not in _POOLS:
+        _POOLS[name] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"unetflow-{name}")
+    return _POOLS[name]
+
+
+@dataclass
+class Telemetry:
+    """Seconds per stage of one block: reader and writer threads, model, and idle waits."""
+
+    read: float = 0.0
+    compute: float = 0.0
+    write: float = 0.0
+    wait: float = 0.0
+
+
+def _rows(job: BlockJob, block: Block) -> list[tuple[int, list[tuple[int, ...]]]]:
+    """The block's patch tile starts grouped by axis-0 start, in the global order."""
+    starts = list(job.plan.patch_tile_starts(block))
+    return [(s0, list(group)) for s0, group in itertools.groupby(starts, key=lambda s: s[0])]
+
+
+def _row_read_box(job: BlockJob, block: Block, s0: int) -> Box:
+    t = job.plan.tiling
+    rb = block.read_box
+    return Box((s0 - t.context[0], *rb.offset[1:]), (t.patch[0], *rb.shape[1:]))
+
+
+def _read(job: BlockJob, box: Box, tel: Telemetry) -> np.ndarray:
+    t0 = time.perf_counter()
+    raw = store.read_box(_open_input(job.input_path), box, layout=job.layout, mode=job.mirror, name=job.input_path)
+    image = normalise(raw, job.norm, job.norm_stats)
+    tel.read += time.perf_counter() - t0
+    return image
+
+
+def _write(job: BlockJob, box: Box, values: np.ndarray, tel: Telemetry) -> None:
+    t0 = time.perf_counter()
+    data = convert_output(values, job.output)
+    store.write_box(_open_output(job.output_path), box, data, channel_axis=job.output.kind != "labels")
+    tel.write += time.perf_counter() - t0
+
+
+def _flush_to(job: BlockJob, write_box: Box, next_start: int | None) -> int:
+    """Planes (axis 0) below the returned index are final and may be written now."""
+    stop = write_box.stop[0]
+    if next_start is None:
+        return stop
+    done = min(next_start, stop)
+    unit = job.flush_planes or write_box.shape[0]
+    return write_box.offset[0] + ((done - write_box.offset[0]) // unit) * unit
+
+
+def predict_block_streamed(job: BlockJob, block: Block, predictor: Predictor, tel: Telemetry) -> None:
+    """Predict and write *block* one row of patches (same axis-0 start) at a time.
+
+    Same sums in the same global order as :func:`predict_block`, so the same bytes;
+    but only the planes that open patches still touch are held (memory does not grow
+    with the block's first axis), and reading, computing and writing overlap:
+
+        reader:  read r1   read r2   read r3
+        model:   .......   row r1    row r2    row r3
+        writer:            .......   planes<r2 planes<r3 ...
+    """
+    tiling = job.plan.tiling
+    weighted = tiling.mode == "blend"
+    weights = tile_weights(tiling.tile, tiling.window) if weighted else None
+    keep = (slice(None),) + tuple(slice(o, o + t) for o, t in zip(tiling.out_offset, tiling.tile))
+    batch_size = auto_batch_size(predictor, tiling.patch, job.batch_size)
+    w = block.write_box
+    rows = _rows(job, block)
+    reader, writer = _pool("read"), _pool("write")
+    pending_read = reader.submit(_read, job, _row_read_box(job, block, rows[0][0]), tel)
+    writes: collections.deque[Future[None]] = collections.deque()
+    acc = Accumulator(Box(w.offset, (0, *w.shape[1:])), predictor.info.classes, weighted=weighted)
+    for i, (s0, starts) in enumerate(rows):
+        t0 = time.perf_counter()
+        image = pending_read.result()
+        tel.wait += time.perf_counter() - t0
+        nxt = rows[i + 1][0] if i + 1 < len(rows) else None
+        if nxt is not None:
+            pending_read = reader.submit(_read, job, _row_read_box(job, block, nxt), tel)
+        row_box = _row_read_box(job, block, s0)
+        acc = extend_front_axis(acc, min(w.stop[0], s0 + tiling.tile[0]))
+        t1 = time.perf_counter()
+        for k in range(0, len(starts), batch_size):
+            chunk = starts[k : k + batch_size]
+            boxes = [tiling.input_box(s).relative_to(row_box) for s in chunk]
+            out = predictor(np.stack([image[(slice(None),) + b.to_slices()] for b in boxes]))
+            for start, pred in zip(chunk, out):
+                acc.add(pred[keep], Box(start, tiling.tile), weights)
+        tel.compute += time.perf_counter() - t1
+        done = _flush_to(job, w, nxt)
+        n = done - acc.write_box.offset[0]
+        if n > 0:
+            box = Box(acc.write_box.offset, (n, *w.shape[1:]))
+            values, acc = pop_front(acc, n)
+            t2 = time.perf_counter()
+            while len(writes) >= MAX_PENDING_WRITES:  # bounded queue: memory stays flat if writes are slow
+                writes.popleft().result()
+            tel.wait += time.perf_counter() - t2
+            writes.append(writer.submit(_write, job, box, values, tel))
+    t3 = time.perf_counter()
+    while writes:
+        writes.popleft().result()
+    tel.wait += time.perf_counter() - t3
+
+
+# --- skipping blocks without signal ---------------------------------------------------
+
+
+def skip_reason(job: BlockJob, block: Block) -> str:
+    """``"mask"`` if the block lies outside the foreground mask, ``"empty"`` if its
+    input is constant (or below ``skip_threshold``) and ``skip_empty`` is on, else ``""``."""
+    if job.mask_path and not mask_has_foreground(job.mask_path, block.write_box, job.layout.spatial_shape):
+        return "mask"
+    if job.skip_empty and input_is_empty(job, block):
+        return "empty"
+    return ""
+
+
+def scale_box(box: Box, image_shape: tuple[int, ...], mask_shape: tuple[int, ...]) -> Box:
+    """*box* in image voxels -> the mask voxels that cover it (any mask resolution).
+
+    >>> scale_box(Box((4, 0), (4, 3)), (8, 6), (2, 3))
+    Box(offset=(1, 0), shape=(1, 2))
+    """
+    lo = [o * m // n for o, m, n in zip(box.offset, mask_shape, image_shape)]
+    hi = [max(l + 1, -(-(o + s) * m // n)) for l, o, s, m, n in zip(lo, box.offset, box.shape, mask_shape, image_shape)]
+    return Box.from_bounds(lo, [min(h, m) for h, m in zip(hi, mask_shape)])
+
+
+def mask_has_foreground(mask_path: str, box: Box, image_shape: tuple[int, ...]) -> bool:
+    mask = _open_input(mask_path)
+    mask_shape = tuple(int(n) for n in mask.shape[-len(image_shape):])
+    layout = store.Layout(len(mask.shape) > len(image_shape), 1, mask_shape)
+    region = store.read_box(mask, scale_box(box, image_shape, mask_shape), layout=layout, name=mask_path)
+    return bool(np.any(region))
+
+
+def input_is_empty(job: BlockJob, block: Block, planes: int = 64) -> bool:
+    """Whether the block's raw read box is constant or (with a threshold) all below it.
+
+    Read in slabs of *planes* along axis 0, stopping at the first sign of signal."""
+    rb = block.read_box
+    lo, hi = math.inf, -math.inf
+    for z in range(rb.offset[0], rb.stop[0], planes):
+        box = Box((z, *rb.offset[1:]), (min(planes, rb.stop[0] - z), *rb.shape[1:]))
+        raw = store.read_box(_open_input(job.input_path), box, layout=job.layout, mode=job.mirror, name=job.input_path)
+        lo, hi = min(lo, float(raw.min())), max(hi, float(raw.max()))
+        below = job.skip_threshold is not None and hi < job.skip_threshold
+        if hi > lo and not below:
+            return False
+    return True
