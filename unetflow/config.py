@@ -164,13 +164,13 @@ class TilingSpec:
     halo: tuple[int, ...] | None = None
     allow_small_halo: bool = False
     mirror: str = "reflect"
-    batch_size: int = 4
+    batch_size: int = 0  # 0: chosen from the device (infer.auto_batch_size)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mirror", choose(self.mirror, MIRRORS, what="mirror mode"))
         object.__setattr__(self, "blend", choose(self.blend, ("gaussian", "constant", "crop"), what="blend mode"))
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size {self.batch_size} must be >= 1")
+        if self.batch_size < 0:
+            raise ConfigError(f"batch size {self.batch_size} must be >= 1, or 0 to choose it from the device")
         if not 0.0 <= self.overlap < 1.0:
             raise ConfigError(f"overlap {self.overlap} must be in [0, 1); 0.25 or 0.5 are usual")
 
@@ -218,6 +218,20 @@ class ClusterSpec:
 
 
 @dataclass(frozen=True)
+class SkipSpec:
+    """Blocks left to the output's fill value (0) without running the model.
+
+    ``empty``: the block's input is constant, or (with ``threshold``) all below it.
+    ``mask``: a Zarr array of any resolution, scaled to the image; blocks whose write
+    box covers no nonzero mask voxel are skipped.
+    """
+
+    empty: bool = False
+    threshold: float | None = None
+    mask: str | None = None
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """One segmentation run: built by the CLI (or YAML), recorded in the output's attributes."""
 
@@ -230,6 +244,8 @@ class RunConfig:
     device: str = "auto"
     amp: bool | None = None
     dry_run: bool = False
+    skip: SkipSpec = field(default_factory=SkipSpec)
+    compile: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

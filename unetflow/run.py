@@ -25,8 +25,11 @@ from unetflow.plan import Plan, make_tiling
 
 log = logging.getLogger(__name__)
 
+# Defaults from the measurements in BENCHMARKS.md (issue 6). Blocks stream along their
+# first axis, so their memory does not grow with it; a patch on a block border is
+# computed by both blocks, so redundancy per split axis is about 1 + patch / block.
 DEFAULT_PATCH = {2: 256, 3: 64}
-DEFAULT_BLOCK = {2: 1024, 3: 128}
+DEFAULT_BLOCK = {2: (4096, 4096), 3: (512, 512, 512)}
 DEFAULT_CHUNK = {2: 256, 3: 64}
 
 
@@ -70,6 +73,7 @@ class RunReport:
     seconds: float = 0.0
     voxels: int = 0
     results: list[BlockResult] = field(default_factory=list)
+    telemetry: dict[str, Any] = field(default_factory=dict)
 
     @property
     def voxels_per_second(self) -> float:
@@ -93,7 +97,7 @@ def prepare(config: RunConfig, *, source: Any = None) -> Prepared:
     t = config.tiling
     dims = info.dims
     patch = parse_shape(t.patch_shape, what="patch shape", ndim=dims) if t.patch_shape else default_patch(info, layout)
-    block = parse_shape(t.block_shape, what="block shape", ndim=dims) if t.block_shape else (DEFAULT_BLOCK[dims],) * dims
+    block = parse_shape(t.block_shape, what="block shape", ndim=dims) if t.block_shape else DEFAULT_BLOCK[dims]
     chunks, shards = output_chunks(config, block)
     tiling = make_tiling(info.geometry, patch, blend=t.blend, overlap=t.overlap, halo=t.halo, allow_small_halo=t.allow_small_halo)
     plan = Plan(layout.spatial_shape, block, tiling)
@@ -157,18 +161,28 @@ def output_spec(config: RunConfig, info: NetInfo) -> OutputSpec:
 
 
 def estimate_memory(p: Prepared) -> int:
-    """Bytes a worker holds for its largest block: read box, accumulators, a batch, activations."""
+    """Bytes a worker holds for its largest block, streamed along axis 0.
+
+    Two rows of input (one computing, one prefetched), the open planes of the
+    accumulator (a patch, a step and a flush unit deep), two queued writes, one batch
+    and its activations.
+    """
     t = p.plan.tiling
-    read = math.prod(p.plan.max_read_shape()) * p.layout.channels * (4 + 4)
-    write = math.prod(p.plan.block_shape) * (p.info.classes * 4 + 4 + 4)
+    read_shape = p.plan.max_read_shape()
+    row = t.patch[0] * math.prod(read_shape[1:]) * p.layout.channels * (4 + 4)
+    plane = math.prod(p.plan.block_shape[1:])
+    flush = (p.shard_shape or p.chunk_shape)[0]
+    open_planes = min(p.plan.block_shape[0], t.tile[0] + t.step[0] + flush)
+    acc = open_planes * plane * (p.info.classes * 8 + 8)
+    writes = 2 * flush * plane * p.info.classes * 4
     patch = math.prod(t.patch)
-    batch = p.config.tiling.batch_size * patch * (p.layout.channels + p.info.classes) * 4
+    batch_size = p.config.tiling.batch_size or 4
+    batch = batch_size * patch * (p.layout.channels + p.info.classes) * 4
     acts = 0
     if p.spec:
         width, depth, dims = p.spec["width"], p.spec["depth"], p.spec["dims"]
-        acts = sum(3 * width * 2**lvl * patch // 2 ** (dims * lvl) * 4 for lvl in range(depth + 1))
-        acts *= p.config.tiling.batch_size
-    return read + write + batch + acts
+        acts = sum(3 * width * 2**lvl * patch // 2 ** (dims * lvl) * 4 for lvl in range(depth + 1)) * batch_size
+    return 2 * row + acc + writes + batch + acts
 
 
 def output_attributes(p: Prepared, stats: Sequence[Sequence[float]]) -> dict[str, Any]:
@@ -212,6 +226,8 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True) -> 
 
         failures = _dispatch(config, job, list(range(p.plan.n_blocks)), on_result)
     report.seconds = time.perf_counter() - t0
+    report.telemetry = telemetry_summary(report.results, report.seconds)
+    log.info("telemetry: %s", report.telemetry["verdict"])
     schedule.raise_failures(failures, p.plan.n_blocks)
     return report
 
@@ -240,7 +256,33 @@ def make_job(p: Prepared, stats: Sequence[Sequence[float]]) -> BlockJob:
         source=p.source, norm=p.norm, norm_stats=tuple(tuple(s) for s in stats), output=p.output,
         mirror=c.tiling.mirror, batch_size=c.tiling.batch_size, device=c.device, amp=c.amp,
         threads=schedule.cpu_threads_per_worker(c.cluster) if c.cluster.kind != "inline" else 0,
+        flush_planes=(p.shard_shape or p.chunk_shape)[0], skip_empty=c.skip.empty, skip_threshold=c.skip.threshold,
+        mask_path=os.path.abspath(c.skip.mask) if c.skip.mask else None, compile=c.compile,
     )
+
+
+def telemetry_summary(results: Sequence[BlockResult], seconds: float) -> dict[str, Any]:
+    """Totals over blocks: read, compute, write and wait seconds, skips, peak RSS per
+    worker, the model's busy fraction, and a one-line verdict on what it waited for."""
+    ran = [r for r in results if not r.skipped]
+    total = {k: round(sum(getattr(r, f"seconds_{k}") for r in ran), 3) for k in ("read", "compute", "write", "wait", "wall")}
+    rss: dict[int, int] = {}
+    for r in results:
+        rss[r.pid] = max(rss.get(r.pid, 0), r.peak_rss)
+    busy = total["compute"] / total["wall"] if total["wall"] > 0 else 0.0
+    devices = sorted({r.device for r in ran})
+    what = "GPU" if any(d.startswith("cuda") for d in devices) else "model"
+    waited = total["wait"] / total["wall"] if total["wall"] > 0 else 0.0
+    verdict = (
+        f"{what} busy {busy:.0%} of block time; waited on I/O {total['wait']:.2f}s ({waited:.0%})"
+        + ("; I/O is the bottleneck: use more workers per GPU or faster storage" if waited > 0.15 else "; I/O hidden behind compute")
+    )
+    return {
+        "seconds": total, "busy": round(busy, 4), "waited_fraction": round(waited, 4), "devices": devices,
+        "blocks_skipped": {k: sum(r.skipped == k for r in results) for k in ("empty", "mask")},
+        "peak_rss_per_worker_mb": {str(pid): round(v / 2**20, 1) for pid, v in sorted(rss.items())},
+        "verdict": verdict,
+    }
 
 
 def _dispatch(config: RunConfig, job: BlockJob, block_ids: list[int], on_result: Any) -> list[schedule.BlockFailure]:
