@@ -1,0 +1,108 @@
+"""Issue 6: skipping blocks without signal, streamed blocks, telemetry (CPU, no timings asserted)."""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+from conftest import random_image, write_zarr
+from unetflow.config import ClusterSpec, OutputSettings, RunConfig, SkipSpec, TilingSpec
+from unetflow.geometry import Box
+from unetflow.infer import scale_box
+from unetflow.model.testing import ScaleNet, ScaleNetSource
+from unetflow.run import segment
+
+
+class CountingSource(ScaleNetSource):
+    """A ScaleNet whose forward passes are counted in a class attribute (inline runs only)."""
+
+    calls = 0
+
+    def load(self) -> ScaleNet:
+        net = super().load()
+        original = net.forward
+
+        def forward(x):
+            CountingSource.calls += 1
+            return original(x)
+
+        net.forward = forward
+        return net
+
+
+def _run(tmp_path, data, *, block, skip=SkipSpec(), source=None, name="o.zarr", chunks=None):
+    inp = write_zarr(tmp_path / "in.zarr", data, chunks=chunks)
+    config = RunConfig(
+        input=inp, output=str(tmp_path / name), model="(oracle)",
+        tiling=TilingSpec(block_shape=block, patch_shape=(4, 4, 4), batch_size=2),
+        output_settings=OutputSettings(overwrite=True, chunk_shape=block),
+        cluster=ClusterSpec(kind="inline"), skip=skip,
+    )
+    report = segment(config, source=source or ScaleNetSource(factor=2.0), progress=False)
+    return zarr.open_array(str(tmp_path / name))[0], report
+
+
+def test_skip_empty_fills_and_skips_the_model(tmp_path):
+    data = np.full((24, 8, 8), 7, dtype="uint16")
+    data[12:] = random_image((12, 8, 8))  # block 0 (z 0..8, read box to z ~10) is constant
+    CountingSource.calls = 0
+    out, report = _run(tmp_path, data, block=(8, 8, 8), skip=SkipSpec(empty=True), source=CountingSource(factor=2.0))
+    assert [r.skipped for r in sorted(report.results, key=lambda r: r.block_id)] == ["empty", "", ""]
+    assert CountingSource.calls > 0 and report.telemetry["blocks_skipped"]["empty"] == 1
+    assert (out[:8] == 0).all()  # the fill value, not 2 * 7
+    np.testing.assert_array_equal(out[8:], 2.0 * data[8:].astype(np.float32))
+
+
+def test_skip_empty_constant_image_runs_no_model(tmp_path):
+    data = np.full((16, 8, 8), 5, dtype="uint8")
+    CountingSource.calls = 0
+    out, report = _run(tmp_path, data, block=(8, 8, 8), skip=SkipSpec(empty=True), source=CountingSource(factor=2.0))
+    assert CountingSource.calls == 0
+    assert all(r.skipped == "empty" and r.n_patches == 0 for r in report.results)
+    assert (out == 0).all()  # the fill value
+
+
+def test_skip_threshold(tmp_path):
+    data = random_image((8, 8, 8), dtype="uint8")
+    data = (data % 10).astype("uint8")  # values 0..9, below the threshold
+    out, report = _run(tmp_path, data, block=(8, 8, 8), skip=SkipSpec(empty=True, threshold=50))
+    assert [r.skipped for r in report.results] == ["empty"]
+    assert (out == 0).all()
+
+
+def test_mask_at_lower_resolution_skips_blocks(tmp_path):
+    data = random_image((16, 16, 8))
+    mask = np.zeros((4, 4, 2), dtype="uint8")
+    mask[2:, 2:, :] = 1  # foreground only in the block at z 8.., y 8..
+    mask_path = write_zarr(tmp_path / "mask.zarr", mask)
+    out, report = _run(tmp_path, data, block=(8, 8, 8), skip=SkipSpec(mask=mask_path))
+    skipped = {r.block_id: r.skipped for r in report.results}
+    assert skipped == {0: "mask", 1: "mask", 2: "mask", 3: ""}
+    np.testing.assert_array_equal(out[8:, 8:], 2.0 * data[8:, 8:].astype(np.float32))
+    assert (out[:8] == 0).all() and (out[:, :8] == 0).all()
+
+
+def test_scale_box_covers_the_box():
+    # image 10 voxels, mask 3: image voxels 3..6 lie in mask voxels 0..2
+    assert scale_box(Box((3,), (4,)), (10,), (3,)) == Box((0,), (3,))
+    assert scale_box(Box((8, 0), (2, 5)), (10, 5), (5, 5)) == Box((4, 0), (1, 5))
+
+
+def test_streamed_block_flushes_in_chunks_and_stays_exact(tmp_path):
+    # a tall block (40 planes) written in chunk units of 8 while it streams
+    data = random_image((40, 12, 9))
+    out, report = _run(tmp_path, data, block=(40, 12, 9), chunks=(8, 8, 8))
+    np.testing.assert_array_equal(out, 2.0 * data.astype(np.float32))
+    out2, _ = _run(tmp_path, data, block=(8, 12, 9), name="o2.zarr")
+    np.testing.assert_array_equal(out, out2)
+
+
+def test_telemetry_fields(tmp_path):
+    data = random_image((16, 8, 8))
+    _, report = _run(tmp_path, data, block=(8, 8, 8))
+    for r in report.results:
+        assert r.seconds_read > 0 and r.seconds_compute > 0 and r.seconds_write > 0
+        assert r.seconds_wall >= r.seconds_compute and r.peak_rss > 0 and 0 < r.busy <= 1
+    t = report.telemetry
+    assert set(t["seconds"]) == {"read", "compute", "write", "wait", "wall"}
+    assert t["peak_rss_per_worker_mb"] and "busy" in t["verdict"]
