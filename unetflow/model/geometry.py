@@ -245,69 +245,95 @@ class UNetGeometry:
 
     # -- receptive field -----------------------------------------------------------
 
-    def _layers(self) -> list[tuple[str, int]]:
-        """The longest input-to-output path: (kind, kernel) per layer, kind conv/pool/up."""
-        down = [("conv", KERNEL)] * CONVS_PER_LEVEL
-        path: list[tuple[str, int]] = []
-        for level in range(self.depth + 1):
-            path += down + ([("pool", POOL)] if level < self.depth else [])
-        for _ in range(self.depth):
-            path += [("up", POOL)] + down
-        return path
+    def _field(self, j: int) -> tuple[int, int]:
+        """Input interval ``[lo, hi]`` (valid-mode coordinates) that can change output *j*.
 
-    def _field_parts(self) -> tuple[int, int]:
-        """(symmetric conv half-width, pooling slack), in input voxels, by jump tracking.
-
-        A conv of kernel k at jump j widens the field by ``(k-1)*j``, half on each side.
-        A pool of size p at jump j widens it by ``(p-1)*j`` on one side or the other,
-        depending on where the voxel falls in the pooling window (its phase), and
-        multiplies the jump by p. A 2x2 stride-2 up-convolution reads exactly one
-        voxel, so it widens nothing and divides the jump by 2. The skips join
-        shorter paths whose fields lie inside this one.
+        Walks back from output voxel *j* through every layer, one integer interval per
+        feature map: a valid 3-conv maps ``[a, b]`` to ``[a, b + 2]``, a 2x2 pool to
+        ``[2a, 2b + 1]``, the 2x2 stride-2 up-conv to ``[a // 2, b // 2]`` (each output
+        voxel reads one input voxel), and a concatenation takes the union of the
+        up-sampled path and the cropped skip. Padding does not change the field, so
+        ``same`` nets use the same walk (their coordinates differ by a shift only).
         """
-        jump, half2, slack = 1.0, 0.0, 0.0  # half2: twice the conv half-width
-        for kind, k in self._layers():
-            if kind == "conv":
-                half2 += (k - 1) * jump
-            elif kind == "pool":
-                slack += (k - 1) * jump
-                jump *= k
-            else:
-                jump /= k
-        return int(half2) // 2, int(slack)
+        return self._decoder_field(0, j, j)
+
+    def _decoder_field(self, level: int, lo: int, hi: int) -> tuple[int, int]:
+        """Input interval behind ``[lo, hi]`` of the DoubleConv output of decoder *level*."""
+        if level == self.depth:
+            return self._encoder_field(level, lo, hi)
+        loss, crop = CONVS_PER_LEVEL * (KERNEL - 1), self._skip_crops()[level]
+        lo, hi = lo, hi + loss  # back through (conv3x3 => ReLU) * 2
+        skip = self._encoder_field(level, lo + crop, hi + crop)
+        up = self._decoder_field(level + 1, lo // POOL, hi // POOL)
+        return min(skip[0], up[0]), max(skip[1], up[1])
+
+    def _encoder_field(self, level: int, lo: int, hi: int) -> tuple[int, int]:
+        """Input interval behind ``[lo, hi]`` of the DoubleConv output of encoder *level*."""
+        hi += CONVS_PER_LEVEL * (KERNEL - 1)
+        for _ in range(level):
+            lo, hi = POOL * lo, POOL * hi + POOL - 1
+            hi += CONVS_PER_LEVEL * (KERNEL - 1)
+        return lo, hi
+
+    def _skip_crops(self) -> list[int]:
+        """Valid-mode crop at each side of the skip of each level (constant in the input size)."""
+        loss, m = CONVS_PER_LEVEL * (KERNEL - 1), self.input_multiple
+        sizes, size = [], 2 * m + loss * (2 * m - 1)  # an input with bottom size 2
+        for level in range(self.depth + 1):
+            size -= loss
+            sizes.append(size)
+            size //= POOL
+        up = sizes[-1]
+        crops = [0] * self.depth
+        for level in reversed(range(self.depth)):
+            crops[level] = (sizes[level] - POOL * up) // 2
+            up = POOL * up - loss
+        return crops
+
+    def _fields(self) -> list[tuple[int, int]]:
+        """``(left reach, right reach)`` of the field of output voxels ``0 .. 2**depth - 1``.
+
+        The field depends on a voxel's position modulo ``2**depth`` (its pooling
+        phase) only, so these cover every output voxel.
+        """
+        margin = CONVS_PER_LEVEL * (KERNEL - 1) * (3 * self.input_multiple - 2) // 2
+        reaches = []
+        for j in range(self.input_multiple):
+            lo, hi = self._field(j)
+            reaches.append((j + margin - lo, hi - j - margin))
+        return reaches
 
     @property
     def receptive_field(self) -> int:
         """Extent, in input voxels along one axis, of the input that can change one output voxel.
 
-        The same for valid and same padding (padding does not change the field).
-        Equal to ``2 * margin_valid + 2**depth``: the convolutions give the symmetric
-        part, the poolings add ``2**depth - 1`` that falls left or right of the voxel
-        according to its position modulo ``2**depth``.
+        The largest over all output voxels: the field depends on a voxel's pooling
+        phase (position modulo ``2**depth``), and from depth 3 on its extent does too.
+        The same for valid and same padding (padding does not change the field). The
+        textbook jump formula (``1 + sum (k - 1) * jump``, here ``2 * margin_valid +
+        2**depth``) gives the phase average, not the largest.
 
-        >>> [UNetGeometry(2, "valid", d).receptive_field for d in range(5)]
-        [5, 18, 44, 96, 200]
+        >>> [UNetGeometry(2, "valid", d).receptive_field for d in range(6)]
+        [5, 18, 44, 100, 204, 412]
         """
-        half, slack = self._field_parts()
-        return 1 + 2 * half + slack
+        return max(left + right + 1 for left, right in self._fields())
 
     @property
     def receptive_radius(self) -> int:
         """How far from an output voxel's centre its receptive field reaches, worst case.
 
-        This is the halo that makes an output voxel independent of anything beyond it,
-        whatever its position: conv half-width + pooling slack. It is *not*
-        ``(receptive_field - 1) // 2``: the field is off-centre by up to
-        ``2**depth - 1`` voxels depending on the pooling phase. Hence, for a valid
-        net, ``receptive_radius = margin + 2**depth - 1``; the margin alone suffices
-        for exact valid tiling only because tiles start on multiples of
-        :attr:`input_multiple`, which keeps every tile in the whole image's phase.
+        The halo that makes every output voxel, whatever its position, independent of
+        anything beyond it. It is *not* ``(receptive_field - 1) // 2``: the field is
+        off-centre by up to ``2**depth - 1`` voxels depending on the pooling phase, and
+        the radius is ``margin_valid + 2**depth - 1``. So for a valid net the radius
+        exceeds the margin (except at depth 0); the margin alone suffices for exact
+        valid tiling only because tiles start on multiples of :attr:`input_multiple`,
+        which keeps every tile in the whole image's pooling phase.
 
         >>> [UNetGeometry(2, "valid", d).receptive_radius for d in range(5)]
         [2, 9, 23, 51, 107]
         """
-        half, slack = self._field_parts()
-        return half + slack
+        return max(max(left, right) for left, right in self._fields())
 
     def describe(self) -> dict[str, Any]:
         """All of the numbers, as a plain dict for ``unetflow model info``.
