@@ -221,8 +221,12 @@ def _reason(err: BaseException) -> str:
     found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if found:
         return f"it holds a pickled {found.group(1)} object"
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    return f"{type(err).__name__}: {first[:120]}" if first else type(err).__name__
+    if isinstance(err, EOFError):
+        return "the file is empty or cut short"
+    if isinstance(err, KeyError) or "invalid load key" in text:
+        return "not a torch file"
+    first = text.strip().splitlines()[0].split(". ")[0][:120] if text.strip() else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 def _summary(spec: ModelSpec) -> str:
