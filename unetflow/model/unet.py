@@ -210,11 +210,13 @@ def init_paper_(net: nn.Module) -> None:
 def probe_receptive_radius(net: UNet, size: int | None = None, *, structural: bool = True) -> int:
     """Measure how far, in input voxels, one input voxel can change the output.
 
-    A single bright voxel is put near the centre of a zero image (at ``2**depth``
-    positions along the diagonal, one per pooling phase), the output is compared
-    with the zero image's output, and the largest Chebyshev distance between the
-    bright voxel and a changed output voxel (mapped to input coordinates by the
-    margin) is returned. The probe runs on a float64 copy in eval mode; *net* is
+    A single bright voxel is put near the centre of a zero image (once per pooling
+    phase, ``2**depth`` positions, and once per axis on an image long along that
+    axis and as thin as the net allows along the others), the output is compared
+    with the zero image's output, and the largest distance between the bright voxel
+    and a changed output voxel (mapped to input coordinates by the margin) is
+    returned: the Chebyshev radius, max over axes. It runs on a float64 copy in
+    eval mode; *net* is
     not touched.
 
     What it shows: with ``structural=True`` (default) the copy gets ``|weights|``
@@ -240,21 +242,35 @@ def probe_receptive_radius(net: UNet, size: int | None = None, *, structural: bo
         size = geometry.valid_input_at_least(2 * geometry.receptive_radius + 2 * geometry.input_multiple + 1)
     geometry.output_size(size)
     probe = _probe_copy(net, structural=structural)
-    phases = geometry.input_multiple
-    centre = size // 2 - phases // 2
-    shape = (phases + 1, net.spec.in_channels) + (size,) * net.spec.dims
-    x = torch.zeros(shape, dtype=torch.float64, device=next(probe.parameters()).device)
-    for p in range(phases):
-        x[(p + 1, slice(None)) + (centre + p,) * net.spec.dims] = 1.0
-    with torch.no_grad():
-        out = probe(x)
-    changed = (out[1:] - out[:1]).abs().amax(dim=1) > 1e-12 * (1.0 + out[:1].abs().amax())
-    radius = 0
-    for p in range(phases):
-        where = torch.nonzero(changed[p]) + geometry.margin - (centre + p)
-        if len(where):
-            radius = max(radius, int(where.abs().max()))
+    radius = max(_probe_axis(probe, size, axis) for axis in range(net.spec.dims))
     logger.debug("probed receptive radius %d (structural=%s, size %d)", radius, structural, size)
+    return radius
+
+
+def _probe_axis(probe: UNet, size: int, axis: int) -> int:
+    """Reach along *axis*, on an image *size* long there and as thin as the net allows elsewhere.
+
+    The field is a box, so the other axes need only hold the bright voxel; one
+    forward pass per pooling phase keeps the memory at one image.
+    """
+    geometry, spec = probe.geometry, probe.spec
+    shape = [geometry.min_input] * spec.dims
+    shape[axis] = size
+    zero = torch.zeros((1, spec.in_channels, *shape), dtype=torch.float64, device=next(probe.parameters()).device)
+    with torch.no_grad():
+        background = probe(zero)
+    start = size // 2 - geometry.input_multiple // 2
+    radius = 0
+    for bright in range(start, start + geometry.input_multiple):  # every pooling phase
+        where = [n // 2 for n in shape]
+        where[axis] = bright
+        x = zero.clone()
+        x[(0, slice(None), *where)] = 1.0
+        with torch.no_grad():
+            diff = (probe(x) - background).abs().amax(dim=(0, 1))
+        changed = torch.nonzero(diff > 1e-12 * (1.0 + background.abs().amax()))[:, axis]
+        if len(changed):
+            radius = max(radius, int((changed + geometry.margin - bright).abs().max()))
     return radius
 
 
