@@ -216,8 +216,7 @@ def probe_receptive_radius(net: UNet, size: int | None = None, *, structural: bo
     with the zero image's output, and the largest distance between the bright voxel
     and a changed output voxel (mapped to input coordinates by the margin) is
     returned: the Chebyshev radius, max over axes. It runs on a float64 copy in
-    eval mode; *net* is
-    not touched.
+    eval mode; *net* is not touched.
 
     What it shows: with ``structural=True`` (default) the copy gets ``|weights|``
     and zero biases, so every path is positive and nothing cancels or dies in a
