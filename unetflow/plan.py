@@ -255,6 +255,7 @@ class Plan:
             "patch_step": list(t.step),
             "context": list(t.context),
             "patches_total": self.computed_patches,
+            "patches_global": math.prod(len(s) for s in self.starts),
             "max_read_shape": list(self.max_read_shape()),
             "redundancy": round(self.redundancy, 4),
         }
