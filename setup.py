@@ -28,6 +28,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2"],
         "preview": ["matplotlib>=3.7"],
+        # bench/run.py compares against MONAI's sliding_window_inference (issue 6)
+        "bench": ["monai>=1.3"],
     },
     entry_points={"console_scripts": ["unetflow=unetflow.cli:main"]},
 )
