@@ -154,7 +154,8 @@ def compare_table(results: dict[str, dict[str, Any]], floor_s: float, workers: i
     notes = {
         "floor": lambda r: f"{r['patches']} patches of the global grid, batch {r['batch_size']}, {r.get('threads') or 'default'} torch thread(s), data in memory",
         "monai": lambda r: "sliding_window_inference, gaussian, Zarr in and out" + _util(r),
-        "map_overlap": lambda r: "model once per 64^3 chunk + 16 halo, no blending" + _util(r),
+        "map_overlap": lambda r: "equal settings: 48^3 chunks + 8 halo = one 64^3 patch per call, no blending, dask threads" + _util(r),
+        "map_overlap_z64": lambda r: "the Zarr's 64^3 chunks + 16 halo = 96^3 per call, no blending, dask threads" + _util(r),
         "unetflow_1": lambda r: _uf_note(r),
         "unetflow_inline": lambda r: _uf_note(r),
         f"unetflow_{workers}": lambda r: _uf_note(r),
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     compare: dict[str, dict[str, Any]] = {}
     threads = 0 if gpu else cpu_threads()
     compare["floor"] = run_one("floor", dataclasses.replace(case(s, "floor"), threads=threads), gpu=gpu)
-    for method in ("monai", "map_overlap"):
+    for method in ("monai", "map_overlap", "map_overlap_z64"):
         compare[method] = run_one(method, case(s, method), gpu=gpu)
     if not gpu:
         compare["unetflow_inline"] = run_one("unetflow", dataclasses.replace(case(s, "ufi"), inline=True, threads=threads), gpu=gpu)

@@ -270,7 +270,7 @@ def predict_block(job: BlockJob, block: Block, image: np.ndarray, predictor: Pre
 
     *image* is the normalised read box, ndarray float32 of shape (C, *read_box.shape).
     """
-    return predict_patches(job.plan, block, image, predictor, batch_size=job.batch_size)
+    return predict_patches(job.plan, block, image, predictor, batch_size=auto_batch_size(predictor, job.plan.tiling.patch, job.batch_size))
 
 
 def predict_patches(plan: Plan, block: Block, image: np.ndarray, predictor: Predictor, *, batch_size: int) -> np.ndarray:
@@ -340,7 +340,18 @@ def run_block(job: BlockJob, block_id: int) -> BlockResult:
 
 
 def peak_rss() -> int:
-    """This process's peak resident set in bytes (Linux reports KiB)."""
+    """This process's peak resident set in bytes.
+
+    Linux ``VmHWM`` (reset by exec); ``ru_maxrss`` would be inherited from the
+    process that spawned the worker (the driver) and overstate a worker's peak.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 

@@ -52,10 +52,27 @@ def open_client(spec: ClusterSpec) -> Iterator[Any]:
         with Client(spec.address, timeout="30s") as client:
             yield client
         return
-    cluster = _gpu_cluster(spec) if spec.gpus else _cpu_cluster(spec)
+    with worker_environ():
+        cluster = _gpu_cluster(spec) if spec.gpus else _cpu_cluster(spec)
     with cluster, Client(cluster) as client:
         client.wait_for_workers(spec.gpus or spec.workers, timeout=120)
         yield client
+
+
+@contextlib.contextmanager
+def worker_environ() -> Iterator[None]:
+    """Start workers without distributed's ``MALLOC_TRIM_THRESHOLD_``.
+
+    Setting it turns off glibc's dynamic mmap threshold, so every activation tensor
+    torch frees is unmapped and the next one page-faults afresh: the model ran 1.7x
+    slower in a worker than in-process on the benchmark machine (issue 6).
+    """
+    import dask
+
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        yield
 
 
 def _cpu_cluster(spec: ClusterSpec) -> Any:
