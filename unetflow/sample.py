@@ -43,7 +43,7 @@ def make_sample(
     *,
     seed: int = 0,
     radius: float | None = None,
-    density: float = 0.35,
+    density: float = 0.4,
     touch: float = 0.8,
     photons: float = 300.0,
     read_noise: float = 3.0,
@@ -58,7 +58,8 @@ def make_sample(
     seed : int
         Seed of the random generator; the same seed gives the same arrays.
     radius : float, optional
-        Mean object radius in voxels; default ``clip(min(shape) / 8, 3, 12)``.
+        Mean object radius in voxels; default ``clip(min(Y, X) / 10, 3, 12)``,
+        and in 3-D at most ``max(3, Z / 3)``.
         Radii vary by +-25 % per object and per axis.
     density : float
         Target fraction of the image covered by objects, in (0, 0.9].
@@ -88,7 +89,7 @@ def make_sample(
     """
     shape = _check_args(shape, density, touch, dtype)
     rng = np.random.default_rng(seed)
-    mean_radius = float(radius) if radius else float(np.clip(min(shape) / 8, 3, 12))
+    mean_radius = float(radius) if radius else _default_radius(shape)
     centres, radii = _place_centres(shape, rng, mean_radius, density, touch)
     labels, scaled = _rasterise(shape, centres, radii, rng)
     clean = _paint(labels, scaled, rng, mean_radius)
@@ -103,12 +104,18 @@ def _check_args(shape: tuple[int, ...], density: float, touch: float, dtype: str
     if len(shape) not in (2, 3) or min(shape) < 8:
         raise ShapeError(f"sample shape {shape} must have 2 or 3 axes of at least 8 voxels; pass e.g. (64, 128, 128)")
     if not 0.0 < density <= 0.9:
-        raise ConfigError(f"sample density {density} must be in (0, 0.9]; pass e.g. 0.35")
+        raise ConfigError(f"sample density {density} must be in (0, 0.9]; pass e.g. 0.4")
     if not 0.0 < touch <= 1.0:
         raise ConfigError(f"sample touch {touch} must be in (0, 1]; pass e.g. 0.8")
     if dtype not in ("uint16", "float32"):
         raise ConfigError(f"sample dtype '{dtype}' is not one of uint16, float32; pass one of them")
     return shape
+
+
+def _default_radius(shape: tuple[int, ...]) -> float:
+    """Mean radius for :func:`make_sample` when none is given (see its docstring)."""
+    radius = float(np.clip(min(shape[-2:]) / 10, 3, 12))
+    return min(radius, max(3.0, shape[0] / 3)) if len(shape) == 3 else radius
 
 
 def _place_centres(
