@@ -255,6 +255,8 @@ def test_weight_map_with_class_targets_and_errors():
         weight_map(labels, targets=targets[:, :2])
     with pytest.raises(ConfigError):
         weight_map(labels, sigma=0.0)
+    with pytest.raises(ShapeError):
+        weight_map(labels.astype(np.float32))
 
 
 def test_class_balance_weights_absent_class_is_zero():

@@ -90,10 +90,13 @@ def weight_map(
     Raises
     ------
     ShapeError
-        If ``targets`` does not have the shape of ``instance_labels``.
+        If ``instance_labels`` is not 2-D or 3-D integers, or ``targets`` does not
+        have its shape.
     ConfigError
         If ``sigma <= 0`` or ``w0 < 0``.
     """
+    if instance_labels.ndim not in (2, 3) or instance_labels.dtype.kind not in "iu":
+        raise ShapeError(f"labels of shape {instance_labels.shape} and dtype {instance_labels.dtype} must be 2-D or 3-D integers; pass instance labels")
     if sigma <= 0 or w0 < 0:
         raise ConfigError(f"weight map sigma {sigma} and w0 {w0} must be > 0 and >= 0; pass e.g. sigma 5, w0 10")
     targets = (instance_labels > 0).astype(np.uint8) if targets is None else np.asarray(targets)
