@@ -202,5 +202,7 @@ def model_info(path: str, probe: bool) -> None:
         click.echo(f"{'probed radius':16s} {probe_receptive_radius(ckpt.net)}")
 
 
+from unetflow import cli_train  # noqa: E402,F401  (registers train, sample, evaluate, demo)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -248,6 +248,13 @@ def scratch_path(output: str) -> str:
     return os.path.abspath(output).rstrip("/") + ".instances-scratch"
 
 
+def train(spec: Any, *, progress: bool = True) -> Any:
+    """Train a U-Net (``unetflow train``): see :mod:`unetflow.train.loop`."""
+    from unetflow.train.loop import train as train_loop
+
+    return train_loop(spec, progress=progress)
+
+
 def create_output_array(p: Prepared, stats: Sequence[Sequence[float]]) -> None:
     o = p.config.output_settings
     spatial = p.layout.spatial_shape
