@@ -83,7 +83,7 @@ def prepare(config: RunConfig, *, source: Any = None) -> Prepared:
     info = net_info(net)
     spec = net.spec.to_dict() if hasattr(net, "spec") else None
     norm = net.spec.norm if hasattr(net, "spec") else _no_norm()
-    array = store.open_input(config.input)
+    array = store.open_input(config.input, level=config.level)
     layout = store.layout_for(array, info.dims, name=config.input)
     if layout.channels != info.in_channels:
         raise ShapeError(
@@ -196,7 +196,7 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True) -> 
     report = RunReport(summary=p.summary())
     if config.dry_run:
         return report
-    array = store.open_input(config.input)
+    array = store.open_input(config.input, level=config.level)
     stats = norm_stats(store.sample_voxels(array, layout=p.layout), p.norm)
     create_output_array(p, stats)
     job = make_job(p, stats)
@@ -213,7 +213,25 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True) -> 
         failures = _dispatch(config, job, list(range(p.plan.n_blocks)), on_result)
     report.seconds = time.perf_counter() - t0
     schedule.raise_failures(failures, p.plan.n_blocks)
+    if _ome(config):
+        from unetflow.formats import omezarr
+
+        vox = getattr(array, "voxel_size", None)
+        omezarr.finish_output(config.output, kind=p.output.kind, voxel_size=vox, unit=getattr(array, "unit", None))
     return report
+
+
+def _ome(config: RunConfig) -> bool:
+    return config.output_settings.ome or config.output.rstrip("/").lower().endswith(".ome.zarr")
+
+
+def output_array_path(config: RunConfig, kind: str) -> str:
+    """The array the blocks write: the output itself, or level 0 inside an OME-Zarr group."""
+    if not _ome(config):
+        return config.output
+    from unetflow.formats import omezarr
+
+    return omezarr.level0_path(config.output, kind=kind)
 
 
 def create_output_array(p: Prepared, stats: Sequence[Sequence[float]]) -> None:
@@ -227,8 +245,13 @@ def create_output_array(p: Prepared, stats: Sequence[Sequence[float]]) -> None:
         shape, chunks = (k, *spatial), (k, *p.chunk_shape)
         shards = (k, *p.shard_shape) if p.shard_shape else None
         dim_names = ("c", *names)
+    path = p.config.output
+    if _ome(p.config):
+        from unetflow.formats import omezarr
+
+        path = omezarr.prepare_output(path, kind=p.output.kind, overwrite=o.overwrite)
     store.create_output(
-        p.config.output, shape=shape, chunks=chunks, shards=shards, dtype=p.output.dtype, dimension_names=dim_names,
+        path, shape=shape, chunks=chunks, shards=shards, dtype=p.output.dtype, dimension_names=dim_names,
         attributes=output_attributes(p, stats), overwrite=o.overwrite, compression_level=o.compression_level,
     )
 
@@ -236,10 +259,11 @@ def create_output_array(p: Prepared, stats: Sequence[Sequence[float]]) -> None:
 def make_job(p: Prepared, stats: Sequence[Sequence[float]]) -> BlockJob:
     c = p.config
     return BlockJob(
-        input_path=os.path.abspath(c.input), output_path=os.path.abspath(c.output), plan=p.plan, layout=p.layout,
+        input_path=store.absolute_input(c.input), output_path=os.path.abspath(output_array_path(c, p.output.kind)), plan=p.plan, layout=p.layout,
         source=p.source, norm=p.norm, norm_stats=tuple(tuple(s) for s in stats), output=p.output,
         mirror=c.tiling.mirror, batch_size=c.tiling.batch_size, device=c.device, amp=c.amp,
         threads=schedule.cpu_threads_per_worker(c.cluster) if c.cluster.kind != "inline" else 0,
+        input_level=c.level,
     )
 
 
