@@ -79,7 +79,7 @@ def open_zarr_node(path: str, *, level: int | None = None) -> Any:
 
 def open_level(path: str, *, level: int | None = None) -> ImageArray:
     """The OME-Zarr image at *path* (an image group, or a group whose ``labels`` hold one) at *level*."""
-    return ImageArray(path, lambda: _level_opener(path, level or 0), level=level, kind=f"ome-zarr")
+    return ImageArray(path, lambda: _level_opener(path, level or 0), level=level, kind="ome-zarr")
 
 
 def _level_opener(path: str, level: int) -> tuple[Any, list[str], dict[str, Any]]:
