@@ -54,12 +54,12 @@ def main() -> None:
     """
 
 
-def _shape(value: str | None) -> tuple[int, ...] | None:
+def _shape(value: str | None, what: str) -> tuple[int, ...] | None:
     if value is None:
         return None
     from unetflow.config import parse_shape
 
-    return parse_shape(value, what="shape")
+    return parse_shape(value, what=what)
 
 
 @main.command()
@@ -121,10 +121,10 @@ def segment(input_path: str, output_path: str, model: str, workers: int, gpus: i
         cluster = ClusterSpec(kind="local", workers=max(workers, 1), gpus=gpus)
     config = RunConfig(
         input=input_path, output=output_path, model=model,
-        tiling=TilingSpec(block_shape=_shape(block_shape), patch_shape=_shape(patch_shape), blend=blend, overlap=overlap,
-                          halo=_shape(halo), allow_small_halo=allow_small_halo, mirror=mirror, batch_size=batch_size),
-        output_settings=OutputSettings(kind=output_kind, dtype=dtype, chunk_shape=_shape(chunk_shape),
-                                       shard_shape=_shape(shard_shape), overwrite=overwrite, ome=ome),
+        tiling=TilingSpec(block_shape=_shape(block_shape, "block shape"), patch_shape=_shape(patch_shape, "patch shape"), blend=blend, overlap=overlap,
+                          halo=_shape(halo, "halo"), allow_small_halo=allow_small_halo, mirror=mirror, batch_size=batch_size),
+        output_settings=OutputSettings(kind=output_kind, dtype=dtype, chunk_shape=_shape(chunk_shape, "chunk shape"),
+                                       shard_shape=_shape(shard_shape, "shard shape"), overwrite=overwrite, ome=ome),
         cluster=cluster, device=device, amp=amp, dry_run=dry_run, level=level,
     )
     report = run.segment(config, progress=progress)
@@ -193,9 +193,9 @@ def convert(inputs: tuple[str, ...], output_path: str, chunks: str | None, shard
     from unetflow.formats import convert as conv
 
     source = store.open_input(inputs[0], level=level) if len(inputs) == 1 else _slices(list(inputs))
-    total = conv.n_units(source.shape, _shape(chunks), _shape(shards))
+    total = conv.n_units(source.shape, _shape(chunks, "chunks"), _shape(shards, "shards"))
     with tqdm(total=total, unit="chunk" if not shards else "shard", disable=not progress, dynamic_ncols=True) as bar:
-        out = conv.convert(source, output_path, chunks=_shape(chunks), shards=_shape(shards), workers=workers,
+        out = conv.convert(source, output_path, chunks=_shape(chunks, "chunks"), shards=_shape(shards, "shards"), workers=workers,
                            overwrite=overwrite, ome=ome, on_progress=bar.update)
     click.echo(f"wrote {output_path}: shape {tuple(out.shape)} {out.dtype}, chunks {tuple(out.chunks)}")
 

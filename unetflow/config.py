@@ -235,3 +235,52 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+
+TARGET_KINDS = ("auto", "instances", "classes")
+LOSSES = ("ce", "dice", "ce+dice")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How to train: data pairs, patches, schedule, loss and augmentation.
+
+    ``pairs`` are (image path, labels path). Labels are instance labels (one id per
+    object: trained as background / interior / border) or a class map (0..K-1).
+    The last ``val_fraction`` of each pair along its first spatial axis is held out.
+    """
+
+    pairs: tuple[tuple[str, str], ...]
+    output: str
+    model: ModelSpec = field(default_factory=ModelSpec)
+    targets: str = "auto"
+    patch_shape: tuple[int, ...] | None = None
+    epochs: int = 50
+    steps_per_epoch: int = 50
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    loss: str = "ce"
+    w0: float = 10.0
+    sigma: float = 5.0
+    elastic_strength: float = 10.0
+    elastic_grid: int = 3
+    val_fraction: float = 0.2
+    seed: int = 0
+    resume: bool = False
+    init: str | None = None
+    device: str = "auto"
+    amp: bool | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", choose(self.targets, TARGET_KINDS, what="targets"))
+        object.__setattr__(self, "loss", choose(self.loss, LOSSES, what="loss"))
+        object.__setattr__(self, "pairs", tuple(tuple(p) for p in self.pairs))
+        if not self.pairs:
+            raise ConfigError("training needs at least one image:labels pair")
+        if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 1:
+            raise ConfigError(f"epochs {self.epochs}, steps {self.steps_per_epoch} and batch size {self.batch_size} must be >= 1")
+        if not 0.0 <= self.val_fraction < 0.9:
+            raise ConfigError(f"validation fraction {self.val_fraction} must be in [0, 0.9)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)

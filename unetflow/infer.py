@@ -21,7 +21,7 @@ from unetflow import store
 from unetflow.blend import Accumulator, tile_weights
 from unetflow.config import NormSpec
 from unetflow.geometry import Box
-from unetflow.plan import Block, Plan
+from unetflow.plan import Block, Plan, Tiling
 
 log = logging.getLogger(__name__)
 
@@ -202,19 +202,37 @@ def predict_block(job: BlockJob, block: Block, image: np.ndarray, predictor: Pre
 
     *image* is the normalised read box, ndarray float32 of shape (C, *read_box.shape).
     """
-    tiling = job.plan.tiling
+    return predict_patches(job.plan, block, image, predictor, batch_size=job.batch_size)
+
+
+def predict_patches(plan: Plan, block: Block, image: np.ndarray, predictor: Predictor, *, batch_size: int) -> np.ndarray:
+    """Run the block's patches in global order, in batches, and blend them over its write box."""
+    tiling = plan.tiling
     acc = Accumulator(block.write_box, predictor.info.classes, weighted=tiling.mode == "blend")
     weights = tile_weights(tiling.tile, tiling.window) if tiling.mode == "blend" else None
-    starts = list(job.plan.patch_tile_starts(block))
-    for i in range(0, len(starts), job.batch_size):
-        chunk = starts[i : i + job.batch_size]
+    starts = list(plan.patch_tile_starts(block))
+    keep = (slice(None),) + tuple(slice(o, o + t) for o, t in zip(tiling.out_offset, tiling.tile))
+    for i in range(0, len(starts), batch_size):
+        chunk = starts[i : i + batch_size]
         boxes = [tiling.input_box(s).relative_to(block.read_box) for s in chunk]
-        batch = np.stack([image[(slice(None),) + b.to_slices()] for b in boxes])
-        out = predictor(batch)
-        keep = (slice(None),) + tuple(slice(o, o + t) for o, t in zip(tiling.out_offset, tiling.tile))
+        out = predictor(np.stack([image[(slice(None),) + b.to_slices()] for b in boxes]))
         for start, pred in zip(chunk, out):
             acc.add(pred[keep], Box(start, tiling.tile), weights)
     return acc.result()
+
+
+def predict_array(predictor: Predictor, image: np.ndarray, tiling: Tiling, *, batch_size: int = 4, mirror: str = "reflect") -> np.ndarray:
+    """Predict a whole in-memory image (C, *S), normalised, as one block: (K, *S) float32.
+
+    The same global patch grid and blending as a blockwise run, so it is the
+    reference a tiled run must equal. Used for validation during training.
+    """
+    shape = tuple(image.shape[1:])
+    plan = Plan(shape, shape, tiling)
+    block = plan.block(0)
+    layout = store.Layout(True, image.shape[0], shape)
+    padded = store.read_box(image, block.read_box, layout=layout, mode=mirror)
+    return predict_patches(plan, block, padded, predictor, batch_size=batch_size)
 
 
 def convert_output(values: np.ndarray, output: OutputSpec) -> np.ndarray:
