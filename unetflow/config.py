@@ -145,7 +145,7 @@ def to_dict(obj: Any) -> Any:
 
 
 MIRRORS = ("reflect", "symmetric")
-OUTPUT_KINDS = ("probabilities", "labels")
+OUTPUT_KINDS = ("probabilities", "labels", "instances")
 PROB_DTYPES = ("float32", "float16", "uint8")
 CLUSTER_KINDS = ("local", "inline", "address")
 
@@ -191,7 +191,7 @@ class OutputSettings:
         object.__setattr__(self, "kind", choose(self.kind, OUTPUT_KINDS, what="output kind"))
         if self.kind == "probabilities" and self.dtype is not None:
             object.__setattr__(self, "dtype", choose(self.dtype, PROB_DTYPES, what="probability dtype"))
-        if self.kind == "labels" and self.dtype is not None and not str(self.dtype).startswith("uint"):
+        if self.kind != "probabilities" and self.dtype is not None and not str(self.dtype).startswith("uint"):
             raise ConfigError(f"labels dtype {self.dtype} must be an unsigned integer type like uint8; or leave it out")
 
 

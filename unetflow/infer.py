@@ -21,6 +21,7 @@ from unetflow import store
 from unetflow.blend import Accumulator, tile_weights
 from unetflow.config import NormSpec
 from unetflow.geometry import Box
+from unetflow.label import local_components
 from unetflow.plan import Block, Plan, Tiling
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class BlockResult:
     seconds_write: float
     device: str
     pid: int
+    objects: int = 0
 
     @property
     def seconds(self) -> float:
@@ -235,8 +237,18 @@ def predict_array(predictor: Predictor, image: np.ndarray, tiling: Tiling, *, ba
     return predict_patches(plan, block, padded, predictor, batch_size=batch_size)
 
 
-def convert_output(values: np.ndarray, output: OutputSpec) -> np.ndarray:
-    """Blended values (K, ...) -> what is written: probabilities in a dtype, or labels."""
+def convert_output(values: np.ndarray, output: OutputSpec) -> tuple[np.ndarray, int]:
+    """Blended values (K, ...) -> what is written, and the block's object count (instances).
+
+    ``probabilities`` in a dtype; ``labels``: the argmax; ``instances``: the block's
+    interior components numbered locally (phase 1 of :mod:`unetflow.label`).
+    """
+    if output.kind == "instances":
+        return local_components(values.argmax(axis=0))
+    return _convert_values(values, output), 0
+
+
+def _convert_values(values: np.ndarray, output: OutputSpec) -> np.ndarray:
     if output.kind == "labels":
         return values.argmax(axis=0).astype(output.dtype)
     if output.dtype == "uint8":
@@ -253,12 +265,12 @@ def run_block(job: BlockJob, block_id: int) -> BlockResult:
     t1 = time.perf_counter()
     predictor = get_predictor(job.source, device=job.device, amp=job.amp, threads=job.threads)
     values = predict_block(job, block, image, predictor)
-    data = convert_output(values, job.output)
+    data, objects = convert_output(values, job.output)
     t2 = time.perf_counter()
-    store.write_box(_open_output(job.output_path), block.write_box, data, channel_axis=job.output.kind != "labels")
+    store.write_box(_open_output(job.output_path), block.write_box, data, channel_axis=job.output.kind == "probabilities")
     t3 = time.perf_counter()
     log.debug(
         "block %d write %s read %s patches %d read %.3fs compute %.3fs write %.3fs on %s",
         block_id, block.write_box, block.read_box, block.n_patches, t1 - t0, t2 - t1, t3 - t2, predictor.device,
     )
-    return BlockResult(block_id, block.n_patches, block.write_box.size, t1 - t0, t2 - t1, t3 - t2, str(predictor.device), os.getpid())
+    return BlockResult(block_id, block.n_patches, block.write_box.size, t1 - t0, t2 - t1, t3 - t2, str(predictor.device), os.getpid(), objects)

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 NGFF_VERSION = "0.5"
 LABEL_NAME = "segmentation"
+LABEL_KINDS = ("labels", "instances")
 AXIS_TYPES = {"c": "channel", "t": "time", "z": "space", "y": "space", "x": "space"}
 
 
@@ -148,7 +149,7 @@ def wants_ome(path: str, *, ome: bool = False) -> bool:
 
 def level0_path(path: str, *, kind: str) -> str:
     """Where the block engine writes: the full-resolution array inside the OME-Zarr group."""
-    return os.path.join(path, "labels", LABEL_NAME, "0") if kind == "labels" else os.path.join(path, "0")
+    return os.path.join(path, "labels", LABEL_NAME, "0") if kind in LABEL_KINDS else os.path.join(path, "0")
 
 
 def prepare_output(path: str, *, kind: str, overwrite: bool) -> str:
@@ -160,7 +161,7 @@ def prepare_output(path: str, *, kind: str, overwrite: bool) -> str:
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     root = zarr.open_group(store=path, mode="w", zarr_format=3, attributes={"ome": {"version": NGFF_VERSION}})
-    if kind == "labels":
+    if kind in LABEL_KINDS:
         labels = root.create_group("labels", attributes={"ome": {"version": NGFF_VERSION, "labels": [LABEL_NAME]}})
         labels.create_group(LABEL_NAME, attributes={"ome": {"version": NGFF_VERSION}})
     return level0_path(path, kind=kind)
@@ -191,12 +192,12 @@ def finish_output(
         prev = group[str(len(shapes) - 1)]
         arr = _downsample(group, prev, str(len(shapes)), factors=factors, names=names, kind=kind)
         scales.append([s * factors.get(n, 1) for s, n in zip(scales[-1], names)])
-        translations.append([t + (0.0 if kind == "labels" else (factors.get(n, 1) - 1) / 2 * s) for t, s, n in zip(translations[-1], scales[-2], names)])
+        translations.append([t + (0.0 if kind in LABEL_KINDS else (factors.get(n, 1) - 1) / 2 * s) for t, s, n in zip(translations[-1], scales[-2], names)])
         shapes.append(tuple(arr.shape))
     vox = dict(zip([names[i] for i in spatial], voxel))
     ms = multiscales_metadata(names, scales, translations, vox, unit=unit, name=name, kind=kind)
     attrs: dict[str, Any] = {"version": NGFF_VERSION, "multiscales": [ms]}
-    if kind == "labels":
+    if kind in LABEL_KINDS:
         attrs["image-label"] = {"version": NGFF_VERSION, "colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}]}
     group.attrs["ome"] = attrs
     return shapes
@@ -221,7 +222,7 @@ def _downsample(group: zarr.Group, prev: zarr.Array, key: str, *, factors: dict[
 
     f = {i: factors.get(n, 1) for i, n in enumerate(names)}
     src = da.from_zarr(prev)
-    if kind == "labels":
+    if kind in LABEL_KINDS:
         small = src[tuple(slice(None, None, f[i]) for i in range(src.ndim))]
     else:
         src = src[tuple(slice(0, (n // f[i]) * f[i]) for i, n in enumerate(src.shape))]
@@ -258,5 +259,5 @@ def multiscales_metadata(
         if any(t):
             transforms.append({"type": "translation", "translation": t})
         datasets.append({"path": str(i), "coordinateTransformations": transforms})
-    method = "nearest (strided subsampling)" if kind == "labels" else "mean"
+    method = "nearest (strided subsampling)" if kind in LABEL_KINDS else "mean"
     return {"name": name, "axes": axes, "datasets": datasets, "type": method.split()[0], "metadata": {"method": method, "writer": "unetflow"}}
