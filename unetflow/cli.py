@@ -79,7 +79,7 @@ def _shape(value: str | None, what: str) -> tuple[int, ...] | None:
 @click.option("--allow-small-halo", is_flag=True, help="Crop mode: accept a halo smaller than the receptive radius (results then depend on the tiling; warns).")
 @click.option("--mirror", type=click.Choice(["reflect", "symmetric"]), default="reflect", show_default=True, help="How context outside the image is filled (numpy names).")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Patches per forward pass. Larger: better GPU use, more memory.")
-@click.option("--output", "output_kind", type=click.Choice(["probabilities", "labels"]), default="probabilities", show_default=True, help="Class probabilities (C, ...) or argmax labels.")
+@click.option("--output", "output_kind", type=click.Choice(["probabilities", "labels", "instances"]), default="probabilities", show_default=True, help="Class probabilities (C, ...), argmax labels, or instances: one 64-bit id per object for models trained on instance labels (background/interior/border), consistent across blocks (a CPU merge phase after the blocks).")
 @click.option("--dtype", default=None, help="Probabilities: float32 (default), float16 or uint8 (x255, 4x smaller). Labels: the smallest unsigned type that fits.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output. Without it an existing output is never touched.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (blocks, shapes, redundancy, memory per worker) and stop.")
