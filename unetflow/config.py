@@ -145,7 +145,7 @@ def to_dict(obj: Any) -> Any:
 
 
 MIRRORS = ("reflect", "symmetric")
-OUTPUT_KINDS = ("probabilities", "labels")
+OUTPUT_KINDS = ("probabilities", "labels", "instances")
 PROB_DTYPES = ("float32", "float16", "uint8")
 CLUSTER_KINDS = ("local", "inline", "address")
 
@@ -185,12 +185,13 @@ class OutputSettings:
     shard_shape: tuple[int, ...] | None = None
     compression_level: int = 3
     overwrite: bool = False
+    ome: bool = False  # OME-Zarr 0.5 output (also when the path ends in .ome.zarr)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", choose(self.kind, OUTPUT_KINDS, what="output kind"))
         if self.kind == "probabilities" and self.dtype is not None:
             object.__setattr__(self, "dtype", choose(self.dtype, PROB_DTYPES, what="probability dtype"))
-        if self.kind == "labels" and self.dtype is not None and not str(self.dtype).startswith("uint"):
+        if self.kind != "probabilities" and self.dtype is not None and not str(self.dtype).startswith("uint"):
             raise ConfigError(f"labels dtype {self.dtype} must be an unsigned integer type like uint8; or leave it out")
 
 
@@ -246,6 +247,7 @@ class RunConfig:
     dry_run: bool = False
     skip: SkipSpec = field(default_factory=SkipSpec)
     compile: bool = False
+    level: int | None = None  # resolution level of a multiscale input (OME-Zarr, pyramidal TIFF)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

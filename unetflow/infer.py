@@ -27,6 +27,7 @@ from unetflow.blend import Accumulator, extend_front_axis, pop_front, tile_weigh
 from unetflow.config import NormSpec
 from unetflow.errors import ConfigError
 from unetflow.geometry import Box
+from unetflow.label import local_components
 from unetflow.plan import Block, Plan, Tiling
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class BlockJob:
     skip_threshold: float | None = None  # with skip_empty: also skip blocks whose input max is below it
     mask_path: str | None = None
     compile: bool = False
+    input_level: int | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ class BlockResult:
     seconds_write: float
     device: str
     pid: int
+    objects: int = 0
     seconds_wait: float = 0.0  # compute loop idle, waiting on a read or a full write queue
     seconds_wall: float = 0.0
     peak_rss: int = 0  # bytes, the worker process's peak resident set so far
@@ -227,8 +230,8 @@ def auto_batch_size(predictor: Predictor, patch: tuple[int, ...], requested: int
 
 
 @lru_cache(maxsize=8)
-def _open_input(path: str) -> Any:
-    return store.open_input(path)
+def _open_input(path: str, level: int | None = None) -> Any:
+    return store.open_input(path, level=level)
 
 
 @lru_cache(maxsize=8)
@@ -303,8 +306,18 @@ def predict_array(predictor: Predictor, image: np.ndarray, tiling: Tiling, *, ba
     return predict_patches(plan, block, padded, predictor, batch_size=batch_size)
 
 
-def convert_output(values: np.ndarray, output: OutputSpec) -> np.ndarray:
-    """Blended values (K, ...) -> what is written: probabilities in a dtype, or labels."""
+def convert_output(values: np.ndarray, output: OutputSpec) -> tuple[np.ndarray, int]:
+    """Blended values (K, ...) -> what is written, and the block's object count (instances).
+
+    ``probabilities`` in a dtype; ``labels``: the argmax; ``instances``: the block's
+    interior components numbered locally (phase 1 of :mod:`unetflow.label`).
+    """
+    if output.kind == "instances":
+        return local_components(values.argmax(axis=0))
+    return _convert_values(values, output), 0
+
+
+def _convert_values(values: np.ndarray, output: OutputSpec) -> np.ndarray:
     if output.kind == "labels":
         return values.argmax(axis=0).astype(output.dtype)
     if output.dtype == "uint8":
@@ -328,6 +341,8 @@ def run_block(job: BlockJob, block_id: int) -> BlockResult:
         return BlockResult(block_id, 0, block.write_box.size, t1 - t0, 0.0, 0.0, "-", os.getpid(),
                            seconds_wall=t1 - t0, peak_rss=peak_rss(), skipped=skipped)
     predictor = get_predictor(job.source, device=job.device, amp=job.amp, threads=job.threads, compile=job.compile)
+    if job.output.kind == "instances":  # components need the whole block at once
+        return _run_block_whole(job, block, predictor, t0)
     tel = Telemetry()
     predict_block_streamed(job, block, predictor, tel)
     wall = time.perf_counter() - t0
@@ -337,6 +352,20 @@ def run_block(job: BlockJob, block_id: int) -> BlockResult:
     )
     return BlockResult(block_id, block.n_patches, block.write_box.size, tel.read, tel.compute, tel.write, str(predictor.device),
                        os.getpid(), seconds_wait=tel.wait, seconds_wall=wall, peak_rss=peak_rss())
+
+
+def _run_block_whole(job: BlockJob, block: Block, predictor: Predictor, t0: float) -> BlockResult:
+    """Read, predict, convert and write the whole block in one go (instances output)."""
+    raw = store.read_box(_open_input(job.input_path, job.input_level), block.read_box, layout=job.layout, mode=job.mirror, name=job.input_path)
+    image = normalise(raw, job.norm, job.norm_stats)
+    t1 = time.perf_counter()
+    values = predict_block(job, block, image, predictor)
+    data, objects = convert_output(values, job.output)
+    t2 = time.perf_counter()
+    store.write_box(_open_output(job.output_path), block.write_box, data, channel_axis=job.output.kind == "probabilities")
+    t3 = time.perf_counter()
+    return BlockResult(block.block_id, block.n_patches, block.write_box.size, t1 - t0, t2 - t1, t3 - t2, str(predictor.device),
+                       os.getpid(), objects, seconds_wall=t3 - t0, peak_rss=peak_rss())
 
 
 def peak_rss() -> int:
@@ -392,7 +421,7 @@ def _row_read_box(job: BlockJob, block: Block, s0: int) -> Box:
 
 def _read(job: BlockJob, box: Box, tel: Telemetry) -> np.ndarray:
     t0 = time.perf_counter()
-    raw = store.read_box(_open_input(job.input_path), box, layout=job.layout, mode=job.mirror, name=job.input_path)
+    raw = store.read_box(_open_input(job.input_path, job.input_level), box, layout=job.layout, mode=job.mirror, name=job.input_path)
     image = normalise(raw, job.norm, job.norm_stats)
     tel.read += time.perf_counter() - t0
     return image
@@ -400,8 +429,8 @@ def _read(job: BlockJob, box: Box, tel: Telemetry) -> np.ndarray:
 
 def _write(job: BlockJob, box: Box, values: np.ndarray, tel: Telemetry) -> None:
     t0 = time.perf_counter()
-    data = convert_output(values, job.output)
-    store.write_box(_open_output(job.output_path), box, data, channel_axis=job.output.kind != "labels")
+    data, _ = convert_output(values, job.output)
+    store.write_box(_open_output(job.output_path), box, data, channel_axis=job.output.kind == "probabilities")
     tel.write += time.perf_counter() - t0
 
 
@@ -510,7 +539,7 @@ def input_is_empty(job: BlockJob, block: Block, planes: int = 64) -> bool:
     lo, hi = math.inf, -math.inf
     for z in range(rb.offset[0], rb.stop[0], planes):
         box = Box((z, *rb.offset[1:]), (min(planes, rb.stop[0] - z), *rb.shape[1:]))
-        raw = store.read_box(_open_input(job.input_path), box, layout=job.layout, mode=job.mirror, name=job.input_path)
+        raw = store.read_box(_open_input(job.input_path, job.input_level), box, layout=job.layout, mode=job.mirror, name=job.input_path)
         lo, hi = min(lo, float(raw.min())), max(hi, float(raw.max()))
         below = job.skip_threshold is not None and hi < job.skip_threshold
         if hi > lo and not below:

@@ -7,12 +7,14 @@ output is touched or any block runs.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -87,7 +89,7 @@ def prepare(config: RunConfig, *, source: Any = None) -> Prepared:
     info = net_info(net)
     spec = net.spec.to_dict() if hasattr(net, "spec") else None
     norm = net.spec.norm if hasattr(net, "spec") else _no_norm()
-    array = store.open_input(config.input)
+    array = store.open_input(config.input, level=config.level)
     layout = store.layout_for(array, info.dims, name=config.input)
     if layout.channels != info.in_channels:
         raise ShapeError(
@@ -154,6 +156,8 @@ def output_chunks(config: RunConfig, block: Sequence[int]) -> tuple[tuple[int, .
 
 def output_spec(config: RunConfig, info: NetInfo) -> OutputSpec:
     o = config.output_settings
+    if o.kind == "instances":
+        return OutputSpec("instances", "uint64")
     if o.kind == "labels":
         smallest = "uint8" if info.classes <= 256 else "uint16"
         return OutputSpec("labels", o.dtype or smallest)
@@ -210,12 +214,12 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True) -> 
     report = RunReport(summary=p.summary())
     if config.dry_run:
         return report
-    array = store.open_input(config.input)
+    array = store.open_input(config.input, level=config.level)
     stats = norm_stats(store.sample_voxels(array, layout=p.layout), p.norm)
     create_output_array(p, stats)
     job = make_job(p, stats)
     t0 = time.perf_counter()
-    with _progress(p.plan.n_blocks, enabled=progress) as bar:
+    with _executor(config) as dispatch, _progress(p.plan.n_blocks, enabled=progress) as bar:
         def on_result(result: BlockResult) -> None:
             report.results.append(result)
             report.blocks_done += 1
@@ -224,40 +228,102 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True) -> 
             bar.set_postfix_str(f"{report.voxels / max(time.perf_counter() - t0, 1e-9):.3g} vox/s")
             log.info("block %d done: %d patches, %.2fs on %s (pid %d)", result.block_id, result.n_patches, result.seconds, result.device, result.pid)
 
-        failures = _dispatch(config, job, list(range(p.plan.n_blocks)), on_result)
+        block_ids = list(range(p.plan.n_blocks))
+        schedule.raise_failures(dispatch(run_block, job, block_ids, on_result=on_result), p.plan.n_blocks)
+        if p.output.kind == "instances":
+            label_instances(p, job, report.results, dispatch)
     report.seconds = time.perf_counter() - t0
     report.telemetry = telemetry_summary(report.results, report.seconds)
     log.info("telemetry: %s", report.telemetry["verdict"])
-    schedule.raise_failures(failures, p.plan.n_blocks)
+    if _ome(config):
+        from unetflow.formats import omezarr
+
+        vox = getattr(array, "voxel_size", None)
+        omezarr.finish_output(config.output, kind=p.output.kind, voxel_size=vox, unit=getattr(array, "unit", None))
     return report
+
+
+def label_instances(p: Prepared, job: BlockJob, results: Sequence[BlockResult], dispatch: Any) -> int:
+    """Phases 2-4 of :mod:`unetflow.label`: offsets, merge across faces, relabel and grow."""
+    from unetflow import label
+
+    counts = np.zeros(p.plan.n_blocks, dtype=np.int64)
+    for r in results:
+        counts[r.block_id] = r.objects
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.uint64)
+    lj = label.LabelJob(job.output_path, os.path.abspath(output_array_path(p.config, p.output.kind)), p.plan, offsets)
+    pairs: list[np.ndarray] = []
+    ids = list(range(p.plan.n_blocks))
+    schedule.raise_failures(dispatch(label.block_face_pairs, lj, ids, on_result=pairs.append), len(ids))
+    table = label.merge_table(int(counts.sum()), np.concatenate(pairs).astype(np.int64) if pairs else np.zeros((0, 2), np.int64))
+    lj = label.LabelJob(lj.scratch_path, lj.output_path, p.plan, offsets, table)
+    schedule.raise_failures(dispatch(label.block_relabel, lj, ids, on_result=lambda _: None), len(ids))
+    store.remove(lj.scratch_path)
+    n = int(table.max()) if len(table) else 0
+    log.info("instances: %d local components merged into %d objects", int(counts.sum()), n)
+    return n
+
+
+def scratch_path(output: str) -> str:
+    """Where phase 1 of instance labelling writes local ids (removed when the run ends)."""
+    return os.path.abspath(output).rstrip("/") + ".instances-scratch"
+
+
+def train(spec: Any, *, progress: bool = True) -> Any:
+    """Train a U-Net (``unetflow train``): see :mod:`unetflow.train.loop`."""
+    from unetflow.train.loop import train as train_loop
+
+    return train_loop(spec, progress=progress)
+
+
+def _ome(config: RunConfig) -> bool:
+    return config.output_settings.ome or config.output.rstrip("/").lower().endswith(".ome.zarr")
+
+
+def output_array_path(config: RunConfig, kind: str) -> str:
+    """The array the blocks write: the output itself, or level 0 inside an OME-Zarr group."""
+    if not _ome(config):
+        return config.output
+    from unetflow.formats import omezarr
+
+    return omezarr.level0_path(config.output, kind=kind)
 
 
 def create_output_array(p: Prepared, stats: Sequence[Sequence[float]]) -> None:
     o = p.config.output_settings
     spatial = p.layout.spatial_shape
     names = ("z", "y", "x")[-len(spatial):]
-    if p.output.kind == "labels":
-        shape, chunks, shards, dim_names = spatial, p.chunk_shape, p.shard_shape, names
-    else:
+    if p.output.kind == "probabilities":
         k = p.info.classes
         shape, chunks = (k, *spatial), (k, *p.chunk_shape)
         shards = (k, *p.shard_shape) if p.shard_shape else None
         dim_names = ("c", *names)
+    else:
+        shape, chunks, shards, dim_names = spatial, p.chunk_shape, p.shard_shape, names
+    path = p.config.output
+    if _ome(p.config):
+        from unetflow.formats import omezarr
+
+        path = omezarr.prepare_output(path, kind=p.output.kind, overwrite=o.overwrite)
     store.create_output(
-        p.config.output, shape=shape, chunks=chunks, shards=shards, dtype=p.output.dtype, dimension_names=dim_names,
+        path, shape=shape, chunks=chunks, shards=shards, dtype=p.output.dtype, dimension_names=dim_names,
         attributes=output_attributes(p, stats), overwrite=o.overwrite, compression_level=o.compression_level,
     )
+    if p.output.kind == "instances":
+        store.create_output(scratch_path(p.config.output), shape=shape, chunks=chunks, dtype="uint64", overwrite=True)
 
 
 def make_job(p: Prepared, stats: Sequence[Sequence[float]]) -> BlockJob:
     c = p.config
+    output_path = scratch_path(c.output) if p.output.kind == "instances" else os.path.abspath(output_array_path(c, p.output.kind))
     return BlockJob(
-        input_path=os.path.abspath(c.input), output_path=os.path.abspath(c.output), plan=p.plan, layout=p.layout,
+        input_path=store.absolute_input(c.input), output_path=output_path, plan=p.plan, layout=p.layout,
         source=p.source, norm=p.norm, norm_stats=tuple(tuple(s) for s in stats), output=p.output,
         mirror=c.tiling.mirror, batch_size=c.tiling.batch_size, device=c.device, amp=c.amp,
         threads=schedule.cpu_threads_per_worker(c.cluster) if c.cluster.kind != "inline" else 0,
         flush_planes=(p.shard_shape or p.chunk_shape)[0], skip_empty=c.skip.empty, skip_threshold=c.skip.threshold,
         mask_path=os.path.abspath(c.skip.mask) if c.skip.mask else None, compile=c.compile,
+        input_level=c.level,
     )
 
 
@@ -285,11 +351,14 @@ def telemetry_summary(results: Sequence[BlockResult], seconds: float) -> dict[st
     }
 
 
-def _dispatch(config: RunConfig, job: BlockJob, block_ids: list[int], on_result: Any) -> list[schedule.BlockFailure]:
+@contextlib.contextmanager
+def _executor(config: RunConfig) -> Iterator[Any]:
+    """A ``dispatch(fn, job, block_ids, on_result) -> failures`` bound to one cluster for the run."""
     if config.cluster.kind == "inline":
-        return schedule.run_inline(run_block, job, block_ids, on_result=on_result)
+        yield schedule.run_inline
+        return
     with schedule.open_client(config.cluster) as client:
-        return schedule.run_blocks(client, run_block, job, block_ids, on_result=on_result)
+        yield functools.partial(schedule.run_blocks, client)
 
 
 def _progress(total: int, *, enabled: bool) -> Any:
