@@ -29,14 +29,12 @@ class BlockFailure:
 def cpu_threads_per_worker(spec: ClusterSpec) -> int:
     """Torch threads per CPU worker so that workers do not oversubscribe the cores.
 
-    A worker with two or more cores leaves one to its reader and writer threads
-    (decompression, compression): on the 2-core benchmark machine one torch thread
-    plus the I/O threads beat two torch threads by 2x (BENCHMARKS.md, issue 6).
+    All of a worker's share: the reader and writer threads spend ~2 % of a block's
+    time (BENCHMARKS.md, issue 6), too little to reserve a core for.
     """
     if spec.threads > 0:
         return spec.threads
-    per_worker = max(1, (os.cpu_count() or 1) // max(1, spec.workers))
-    return per_worker - 1 if per_worker >= 2 else 1
+    return max(1, (os.cpu_count() or 1) // max(1, spec.workers))
 
 
 @contextlib.contextmanager
