@@ -36,6 +36,7 @@ class Case:
     amp: bool = False
     chunk: int = 64
     threads: int = 0  # torch threads in this process; 0: torch's default (all cores)
+    lanes: int = 0  # floor: run batches side by side in this many threads, one torch thread each
     inline: bool = False  # unetflow: run blocks in this process (--workers 0), no Dask
 
 
@@ -98,16 +99,27 @@ def run_floor(case: Case) -> dict[str, Any]:
     b = batch_size(case)
     batches = [torch.from_numpy(np.stack(patches[i : i + b])[:, None]) for i in range(0, len(patches), b)]
     dtype = torch.bfloat16 if case.amp else torch.float32
-    with torch.inference_mode(), torch.autocast(case.device, dtype=dtype, enabled=case.amp):
-        net(batches[0].to(case.device))  # warm-up, not timed
-        _sync(case)
-        t0 = time.perf_counter()
-        for x in batches:
+
+    def forward(x: torch.Tensor) -> None:
+        with torch.inference_mode(), torch.autocast(case.device, dtype=dtype, enabled=case.amp):
             net(x.to(case.device, non_blocking=True))
-        _sync(case)
-        seconds = time.perf_counter() - t0
+
+    forward(batches[0])  # warm-up, not timed
+    _sync(case)
+    t0 = time.perf_counter()
+    if case.lanes > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        torch.set_num_threads(1)
+        with ThreadPoolExecutor(case.lanes) as pool:
+            list(pool.map(forward, batches))
+    else:
+        for x in batches:
+            forward(x)
+    _sync(case)
+    seconds = time.perf_counter() - t0
     return {"seconds": seconds, "voxels": image.size, "patches": len(starts), "batch_size": b, "peak_rss": peak_rss(),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "lanes": case.lanes}
 
 
 def _sync(case: Case) -> None:

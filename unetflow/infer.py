@@ -148,10 +148,13 @@ class Predictor:
     non-blocking copies, and ``amp`` runs it in bf16 (fp16 where bf16 is missing).
     """
 
-    def __init__(self, net: torch.nn.Module, *, device: torch.device, amp: bool, compile: bool = False) -> None:
+    def __init__(self, net: torch.nn.Module, *, device: torch.device, amp: bool, compile: bool = False, lanes: int = 1) -> None:
         self.info = net_info(net)
         self.device = device
         self.amp = amp
+        # CPU: *lanes* patches run side by side, one torch thread each (see get_predictor)
+        self.lanes = max(1, lanes) if device.type == "cpu" else 1
+        self._lane_pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="unetflow-lane") if self.lanes > 1 else None
         self.net = net.to(device).eval()
         self._pinned: torch.Tensor | None = None
         self.memory_format = torch.preserve_format
@@ -170,9 +173,19 @@ class Predictor:
         staged = self._pinned[: x.numel()].view(x.shape).copy_(x)
         return staged.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
 
-    @torch.inference_mode()
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """*batch*: ndarray float32 of shape (B, C, *patch) -> (B, K, *out) float32.
+
+        On CPU with several lanes the batch is split across them (torch releases the GIL).
+        """
+        if self._lane_pool is None or len(batch) < 2:
+            return self._predict(batch)
+        parts = np.array_split(batch, min(self.lanes, len(batch)))
+        return np.concatenate(list(self._lane_pool.map(self._predict, parts)))
+
+    @torch.inference_mode()
+    def _predict(self, batch: np.ndarray) -> np.ndarray:
+        """One forward pass: ndarray float32 of shape (B, C, *patch) -> (B, K, *out) float32.
 
         Raises
         ------
@@ -205,20 +218,24 @@ def get_predictor(source: Any, *, device: str = "auto", amp: bool | None = None,
     use_amp = (dev.type == "cuda") if amp is None else bool(amp)
     key = (source, str(dev), use_amp, compile)
     if key not in _PREDICTORS:
-        if threads > 0 and dev.type == "cpu":
-            torch.set_num_threads(threads)
+        lanes = 1
+        if dev.type == "cpu":
+            # Patches side by side, one torch thread each, beat one patch on all threads
+            # (conv3d scales poorly across threads: BENCHMARKS.md, issue 6).
+            lanes = threads if threads > 0 else (os.cpu_count() or 1)
+            torch.set_num_threads(1)
         log.debug("loading model %s on %s (pid %d)", source, dev, os.getpid())
-        _PREDICTORS[key] = Predictor(source.load(), device=dev, amp=use_amp, compile=compile)
+        _PREDICTORS[key] = Predictor(source.load(), device=dev, amp=use_amp, compile=compile, lanes=lanes)
     return _PREDICTORS[key]
 
 
 def auto_batch_size(predictor: Predictor, patch: tuple[int, ...], requested: int) -> int:
-    """*requested*, or (0) 1 on CPU (measured fastest there, see BENCHMARKS.md) and on GPU
+    """*requested*, or (0) one patch per CPU lane, and on GPU
     as many patches as fit in half the free memory by an activation estimate."""
     if requested > 0:
         return requested
     if predictor.device.type != "cuda":
-        return 1
+        return predictor.lanes  # one patch per lane
     free, _ = torch.cuda.mem_get_info(predictor.device)
     spec = getattr(predictor.net, "spec", None)
     width = getattr(spec, "width", 32)
