@@ -87,11 +87,15 @@ def _shape(value: str | None) -> tuple[int, ...] | None:
 @click.option("--amp/--no-amp", default=None, help="Mixed precision (bf16). Default: on for GPUs, off on CPU.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @click.option("-v", "--verbose", count=True, help="-v: a log line per block; -vv: debug.")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="YAML run config (cluster, tiling, output, device); see pipelines/configs/. Flags given on the command line override it.")
+@click.option("--resume", is_flag=True, help="Finish an existing output: skip blocks with a done marker, after checking it was made with the same settings and model. Takes over the stale lock of a dead run.")
+@click.option("--part", default=None, help="i/n: compute only every n-th block starting at block i-1; n independent jobs with --part 1/n .. n/n write one output together.")
 @friendly_errors
 def segment(input_path: str, output_path: str, model: str, workers: int, gpus: int, scheduler: str | None, block_shape: str | None,
             patch_shape: str | None, chunk_shape: str | None, shard_shape: str | None, blend: str, overlap: float, halo: str | None,
             allow_small_halo: bool, mirror: str, batch_size: int, output_kind: str, dtype: str | None, overwrite: bool,
-            dry_run: bool, device: str, amp: bool | None, progress: bool, verbose: int) -> None:
+            dry_run: bool, device: str, amp: bool | None, progress: bool, verbose: int, config_file: str | None = None,
+            resume: bool = False, part: str | None = None) -> None:
     """Segment INPUT (a Zarr array) into OUTPUT (a new Zarr v3 array).
 
     \b
@@ -99,6 +103,9 @@ def segment(input_path: str, output_path: str, model: str, workers: int, gpus: i
       unetflow segment raw.zarr pred.zarr --model unet.pt --gpus 4
       unetflow segment data.zarr/em/raw pred.zarr --model unet.pt --workers 2 --block-shape 256,256,256
       unetflow segment raw.zarr pred.zarr --model unet.pt --dry-run
+      unetflow segment raw.zarr pred.zarr --model unet.pt --config pipelines/configs/slurm.yaml
+      unetflow segment raw.zarr pred.zarr --model unet.pt --resume      # after a crash or a lost job
+      unetflow segment raw.zarr pred.zarr --model unet.pt --part 3/8    # one of 8 independent jobs
     """
     _setup_logging(verbose)
     from unetflow import run
@@ -116,16 +123,45 @@ def segment(input_path: str, output_path: str, model: str, workers: int, gpus: i
                           halo=_shape(halo), allow_small_halo=allow_small_halo, mirror=mirror, batch_size=batch_size),
         output_settings=OutputSettings(kind=output_kind, dtype=dtype, chunk_shape=_shape(chunk_shape),
                                        shard_shape=_shape(shard_shape), overwrite=overwrite),
-        cluster=cluster, device=device, amp=amp, dry_run=dry_run,
+        cluster=cluster, device=device, amp=amp, dry_run=dry_run, resume=resume, part=part,
     )
+    if config_file:
+        config = _with_config_file(config, config_file)
     report = run.segment(config, progress=progress)
     if dry_run:
         _print_plan(report.summary)
         return
+    skipped = f", {report.blocks_skipped} already done" if getattr(report, "blocks_skipped", 0) else ""
     click.echo(
-        f"wrote {output_path}: {report.blocks_done} blocks, {report.voxels} voxels in {report.seconds:.1f}s "
-        f"({report.voxels_per_second:.3g} voxels/s)"
+        f"wrote {output_path}: {report.blocks_done} blocks{skipped}, {report.voxels} voxels in {report.seconds:.1f}s "
+        f"({report.voxels_per_second:.3g} voxels/s); report in {output_path}/.unetflow/"
     )
+
+
+# CLI parameter -> RunConfig setting it fills (dotted), for flags that override --config
+FLAG_SETTINGS = {
+    "block_shape": "tiling.block_shape", "patch_shape": "tiling.patch_shape", "blend": "tiling.blend",
+    "overlap": "tiling.overlap", "halo": "tiling.halo", "allow_small_halo": "tiling.allow_small_halo",
+    "mirror": "tiling.mirror", "batch_size": "tiling.batch_size", "output_kind": "output_settings.kind",
+    "dtype": "output_settings.dtype", "chunk_shape": "output_settings.chunk_shape", "shard_shape": "output_settings.shard_shape",
+    "overwrite": "output_settings.overwrite", "device": "device", "amp": "amp", "dry_run": "dry_run",
+    "resume": "resume", "part": "part",
+}
+CLUSTER_FLAGS = ("workers", "gpus", "scheduler")
+
+
+def _with_config_file(flags: Any, path: str) -> Any:
+    """The YAML config at *path*, with every flag typed on the command line on top."""
+    from unetflow.config import apply_overrides, load_yaml, run_config_from_mapping
+
+    ctx = click.get_current_context()
+    typed = {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    base = run_config_from_mapping(load_yaml(path), input=flags.input, output=flags.output, model=flags.model)
+    overrides = {key: getattr(flags, key.split(".")[0]) if "." not in key else getattr(getattr(flags, key.split(".")[0]), key.split(".")[1])
+                 for name, key in FLAG_SETTINGS.items() if name in typed}
+    if typed & set(CLUSTER_FLAGS):
+        overrides["cluster"] = flags.cluster
+    return apply_overrides(base, overrides)
 
 
 def _print_plan(summary: dict[str, Any]) -> None:
