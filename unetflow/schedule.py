@@ -132,6 +132,7 @@ def jobqueue_options(spec: ClusterSpec, *, log_directory: str | None = None) -> 
         "worker_extra_args": worker_args,
         "python": spec.python or sys.executable,
         "log_directory": spec.log_directory or log_directory,
+        "scheduler_options": {"dashboard_address": ":0"},
     }
     if spec.kind != "htcondor":
         options["queue"] = spec.queue
@@ -213,7 +214,10 @@ def run_blocks(
 
     n_workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
     limit = max_in_flight or 2 * n_workers
-    job_ref = client.scatter(job, broadcast=True)
+    # The job (a few kB) travels with each task rather than being scattered: scattered
+    # data lives on the workers present at that moment, and losing them (a cancelled
+    # batch job) would cancel every block that depends on it ("lost dependencies").
+    job_ref = job
     pending = iter(block_ids)
     failures: list[BlockFailure] = []
 
