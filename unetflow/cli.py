@@ -54,12 +54,12 @@ def main() -> None:
     """
 
 
-def _shape(value: str | None) -> tuple[int, ...] | None:
+def _shape(value: str | None, what: str) -> tuple[int, ...] | None:
     if value is None:
         return None
     from unetflow.config import parse_shape
 
-    return parse_shape(value, what="shape")
+    return parse_shape(value, what=what)
 
 
 @main.command()
@@ -119,10 +119,10 @@ def segment(input_path: str, output_path: str, model: str, workers: int, gpus: i
         cluster = ClusterSpec(kind="local", workers=max(workers, 1), gpus=gpus)
     config = RunConfig(
         input=input_path, output=output_path, model=model,
-        tiling=TilingSpec(block_shape=_shape(block_shape), patch_shape=_shape(patch_shape), blend=blend, overlap=overlap,
-                          halo=_shape(halo), allow_small_halo=allow_small_halo, mirror=mirror, batch_size=batch_size),
-        output_settings=OutputSettings(kind=output_kind, dtype=dtype, chunk_shape=_shape(chunk_shape),
-                                       shard_shape=_shape(shard_shape), overwrite=overwrite),
+        tiling=TilingSpec(block_shape=_shape(block_shape, "block shape"), patch_shape=_shape(patch_shape, "patch shape"), blend=blend, overlap=overlap,
+                          halo=_shape(halo, "halo"), allow_small_halo=allow_small_halo, mirror=mirror, batch_size=batch_size),
+        output_settings=OutputSettings(kind=output_kind, dtype=dtype, chunk_shape=_shape(chunk_shape, "chunk shape"),
+                                       shard_shape=_shape(shard_shape, "shard shape"), overwrite=overwrite),
         cluster=cluster, device=device, amp=amp, dry_run=dry_run, resume=resume, part=part,
     )
     if config_file:

@@ -145,7 +145,7 @@ def to_dict(obj: Any) -> Any:
 
 
 MIRRORS = ("reflect", "symmetric")
-OUTPUT_KINDS = ("probabilities", "labels")
+OUTPUT_KINDS = ("probabilities", "labels", "instances")
 PROB_DTYPES = ("float32", "float16", "uint8")
 CLUSTER_KINDS = ("local", "inline", "address", "slurm", "pbs", "lsf", "sge", "htcondor")
 JOBQUEUE_KINDS = ("slurm", "pbs", "lsf", "sge", "htcondor")
@@ -191,7 +191,7 @@ class OutputSettings:
         object.__setattr__(self, "kind", choose(self.kind, OUTPUT_KINDS, what="output kind"))
         if self.kind == "probabilities" and self.dtype is not None:
             object.__setattr__(self, "dtype", choose(self.dtype, PROB_DTYPES, what="probability dtype"))
-        if self.kind == "labels" and self.dtype is not None and not str(self.dtype).startswith("uint"):
+        if self.kind != "probabilities" and self.dtype is not None and not str(self.dtype).startswith("uint"):
             raise ConfigError(f"labels dtype {self.dtype} must be an unsigned integer type like uint8; or leave it out")
 
 
@@ -216,6 +216,7 @@ class ClusterSpec:
     cores: int = 1
     memory: str = "4GB"
     walltime: str | None = None
+    disk: str | None = None  # htcondor needs it
     gpus_per_job: int = 0
     job_extra_directives: tuple[str, ...] = ()
     job_script_prologue: tuple[str, ...] = ()
@@ -370,3 +371,52 @@ def apply_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     for head, values in nested.items():
         top[head] = dataclasses.replace(getattr(config, head), **values)
     return dataclasses.replace(config, **top)
+
+
+TARGET_KINDS = ("auto", "instances", "classes")
+LOSSES = ("ce", "dice", "ce+dice")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How to train: data pairs, patches, schedule, loss and augmentation.
+
+    ``pairs`` are (image path, labels path). Labels are instance labels (one id per
+    object: trained as background / interior / border) or a class map (0..K-1).
+    The last ``val_fraction`` of each pair along its first spatial axis is held out.
+    """
+
+    pairs: tuple[tuple[str, str], ...]
+    output: str
+    model: ModelSpec = field(default_factory=ModelSpec)
+    targets: str = "auto"
+    patch_shape: tuple[int, ...] | None = None
+    epochs: int = 50
+    steps_per_epoch: int = 50
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    loss: str = "ce"
+    w0: float = 10.0
+    sigma: float = 5.0
+    elastic_strength: float = 10.0
+    elastic_grid: int = 3
+    val_fraction: float = 0.2
+    seed: int = 0
+    resume: bool = False
+    init: str | None = None
+    device: str = "auto"
+    amp: bool | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", choose(self.targets, TARGET_KINDS, what="targets"))
+        object.__setattr__(self, "loss", choose(self.loss, LOSSES, what="loss"))
+        object.__setattr__(self, "pairs", tuple(tuple(p) for p in self.pairs))
+        if not self.pairs:
+            raise ConfigError("training needs at least one image:labels pair")
+        if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 1:
+            raise ConfigError(f"epochs {self.epochs}, steps {self.steps_per_epoch} and batch size {self.batch_size} must be >= 1")
+        if not 0.0 <= self.val_fraction < 0.9:
+            raise ConfigError(f"validation fraction {self.val_fraction} must be in [0, 0.9)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)

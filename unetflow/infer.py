@@ -21,7 +21,8 @@ from unetflow import store
 from unetflow.blend import Accumulator, tile_weights
 from unetflow.config import NormSpec
 from unetflow.geometry import Box
-from unetflow.plan import Block, Plan
+from unetflow.label import local_components
+from unetflow.plan import Block, Plan, Tiling
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class BlockResult:
     seconds_write: float
     device: str
     pid: int
+    objects: int = 0
 
     @property
     def seconds(self) -> float:
@@ -201,23 +203,51 @@ def predict_block(job: BlockJob, block: Block, image: np.ndarray, predictor: Pre
 
     *image* is the normalised read box, ndarray float32 of shape (C, *read_box.shape).
     """
-    tiling = job.plan.tiling
+    return predict_patches(job.plan, block, image, predictor, batch_size=job.batch_size)
+
+
+def predict_patches(plan: Plan, block: Block, image: np.ndarray, predictor: Predictor, *, batch_size: int) -> np.ndarray:
+    """Run the block's patches in global order, in batches, and blend them over its write box."""
+    tiling = plan.tiling
     acc = Accumulator(block.write_box, predictor.info.classes, weighted=tiling.mode == "blend")
     weights = tile_weights(tiling.tile, tiling.window) if tiling.mode == "blend" else None
-    starts = list(job.plan.patch_tile_starts(block))
-    for i in range(0, len(starts), job.batch_size):
-        chunk = starts[i : i + job.batch_size]
+    starts = list(plan.patch_tile_starts(block))
+    keep = (slice(None),) + tuple(slice(o, o + t) for o, t in zip(tiling.out_offset, tiling.tile))
+    for i in range(0, len(starts), batch_size):
+        chunk = starts[i : i + batch_size]
         boxes = [tiling.input_box(s).relative_to(block.read_box) for s in chunk]
-        batch = np.stack([image[(slice(None),) + b.to_slices()] for b in boxes])
-        out = predictor(batch)
-        keep = (slice(None),) + tuple(slice(o, o + t) for o, t in zip(tiling.out_offset, tiling.tile))
+        out = predictor(np.stack([image[(slice(None),) + b.to_slices()] for b in boxes]))
         for start, pred in zip(chunk, out):
             acc.add(pred[keep], Box(start, tiling.tile), weights)
     return acc.result()
 
 
-def convert_output(values: np.ndarray, output: OutputSpec) -> np.ndarray:
-    """Blended values (K, ...) -> what is written: probabilities in a dtype, or labels."""
+def predict_array(predictor: Predictor, image: np.ndarray, tiling: Tiling, *, batch_size: int = 4, mirror: str = "reflect") -> np.ndarray:
+    """Predict a whole in-memory image (C, *S), normalised, as one block: (K, *S) float32.
+
+    The same global patch grid and blending as a blockwise run, so it is the
+    reference a tiled run must equal. Used for validation during training.
+    """
+    shape = tuple(image.shape[1:])
+    plan = Plan(shape, shape, tiling)
+    block = plan.block(0)
+    layout = store.Layout(True, image.shape[0], shape)
+    padded = store.read_box(image, block.read_box, layout=layout, mode=mirror)
+    return predict_patches(plan, block, padded, predictor, batch_size=batch_size)
+
+
+def convert_output(values: np.ndarray, output: OutputSpec) -> tuple[np.ndarray, int]:
+    """Blended values (K, ...) -> what is written, and the block's object count (instances).
+
+    ``probabilities`` in a dtype; ``labels``: the argmax; ``instances``: the block's
+    interior components numbered locally (phase 1 of :mod:`unetflow.label`).
+    """
+    if output.kind == "instances":
+        return local_components(values.argmax(axis=0))
+    return _convert_values(values, output), 0
+
+
+def _convert_values(values: np.ndarray, output: OutputSpec) -> np.ndarray:
     if output.kind == "labels":
         return values.argmax(axis=0).astype(output.dtype)
     if output.dtype == "uint8":
@@ -234,12 +264,12 @@ def run_block(job: BlockJob, block_id: int) -> BlockResult:
     t1 = time.perf_counter()
     predictor = get_predictor(job.source, device=job.device, amp=job.amp, threads=job.threads)
     values = predict_block(job, block, image, predictor)
-    data = convert_output(values, job.output)
+    data, objects = convert_output(values, job.output)
     t2 = time.perf_counter()
-    store.write_box(_open_output(job.output_path), block.write_box, data, channel_axis=job.output.kind != "labels")
+    store.write_box(_open_output(job.output_path), block.write_box, data, channel_axis=job.output.kind == "probabilities")
     t3 = time.perf_counter()
     log.debug(
         "block %d write %s read %s patches %d read %.3fs compute %.3fs write %.3fs on %s",
         block_id, block.write_box, block.read_box, block.n_patches, t1 - t0, t2 - t1, t3 - t2, predictor.device,
     )
-    return BlockResult(block_id, block.n_patches, block.write_box.size, t1 - t0, t2 - t1, t3 - t2, str(predictor.device), os.getpid())
+    return BlockResult(block_id, block.n_patches, block.write_box.size, t1 - t0, t2 - t1, t3 - t2, str(predictor.device), os.getpid(), objects)

@@ -8,6 +8,7 @@ output is touched or any block runs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ import numpy as np
 import unetflow
 from unetflow import resume, schedule, store
 from unetflow.config import RunConfig, parse_shape, to_dict
-from unetflow.errors import BlockFailedError, OutputExistsError, ShapeError
+from unetflow.errors import BlockFailedError, ConfigError, OutputExistsError, ShapeError
 from unetflow.infer import BlockJob, BlockResult, CheckpointSource, NetInfo, OutputSpec, net_info, norm_stats, run_block
 from unetflow.plan import Plan, make_tiling
 
@@ -155,6 +156,8 @@ def output_chunks(config: RunConfig, block: Sequence[int]) -> tuple[tuple[int, .
 
 def output_spec(config: RunConfig, info: NetInfo) -> OutputSpec:
     o = config.output_settings
+    if o.kind == "instances":
+        return OutputSpec("instances", "uint64")
     if o.kind == "labels":
         smallest = "uint8" if info.classes <= 256 else "uint16"
         return OutputSpec("labels", o.dtype or smallest)
@@ -208,6 +211,11 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True) -> 
         return report
     array = store.open_input(config.input)
     stats = norm_stats(store.sample_voxels(array, layout=p.layout), p.norm)
+    if p.output.kind == "instances" and (config.resume or config.part):
+        raise ConfigError(
+            "--resume and --part are not supported with --output instances yet (labelling needs every block's "
+            "components in one run); run without them, or resume --output labels/probabilities"
+        )
     ident = run_identity(p, stats)
     run_dir = resume.RunDir(config.output)
     with claim_output(p, stats, ident, run_dir) as lock:
@@ -219,7 +227,8 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True) -> 
             log.info("resuming: %d of %d blocks already done, %d to do", report.blocks_skipped, len(block_ids), len(todo))
         job = make_job(p, stats)
         t0 = time.perf_counter()
-        with _progress(len(todo), enabled=progress) as bar:
+        executor = _executor(config, log_directory=str(run_dir.log_dir)) if todo else contextlib.nullcontext(schedule.run_inline)
+        with executor as dispatch, _progress(len(todo), enabled=progress) as bar:
             def on_result(outcome: Any) -> None:
                 result = outcome.result
                 report.results.append(result)
@@ -231,7 +240,9 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True) -> 
                 log.info(json.dumps(block_log(p, result, outcome)))
 
             fn = resume.MarkDone(run_block, str(run_dir.done_dir), lock.holder["token"])
-            failures = _dispatch(config, job, todo, on_result, fn=fn, log_directory=str(run_dir.log_dir))
+            failures = dispatch(fn, job, todo, on_result=on_result)
+            if p.output.kind == "instances" and not failures:
+                label_instances(p, job, report.results, dispatch)
         report.seconds = time.perf_counter() - t0
         report.failures = [failure_entry(p, f) for f in failures]
         resume.write_json(run_dir.report_file(config.part), report_dict(p, report, ident, len(block_ids)))
@@ -346,44 +357,76 @@ def report_dict(p: Prepared, report: RunReport, ident: dict[str, Any], n_blocks:
     }
 
 
+def label_instances(p: Prepared, job: BlockJob, results: Sequence[BlockResult], dispatch: Any) -> int:
+    """Phases 2-4 of :mod:`unetflow.label`: offsets, merge across faces, relabel and grow."""
+    from unetflow import label
+
+    counts = np.zeros(p.plan.n_blocks, dtype=np.int64)
+    for r in results:
+        counts[r.block_id] = r.objects
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.uint64)
+    lj = label.LabelJob(job.output_path, os.path.abspath(p.config.output), p.plan, offsets)
+    pairs: list[np.ndarray] = []
+    ids = list(range(p.plan.n_blocks))
+    schedule.raise_failures(dispatch(label.block_face_pairs, lj, ids, on_result=pairs.append), len(ids))
+    table = label.merge_table(int(counts.sum()), np.concatenate(pairs).astype(np.int64) if pairs else np.zeros((0, 2), np.int64))
+    lj = label.LabelJob(lj.scratch_path, lj.output_path, p.plan, offsets, table)
+    schedule.raise_failures(dispatch(label.block_relabel, lj, ids, on_result=lambda _: None), len(ids))
+    store.remove(lj.scratch_path)
+    n = int(table.max()) if len(table) else 0
+    log.info("instances: %d local components merged into %d objects", int(counts.sum()), n)
+    return n
+
+
+def scratch_path(output: str) -> str:
+    """Where phase 1 of instance labelling writes local ids (removed when the run ends)."""
+    return os.path.abspath(output).rstrip("/") + ".instances-scratch"
+
+
 def create_output_array(p: Prepared, stats: Sequence[Sequence[float]]) -> None:
     o = p.config.output_settings
     spatial = p.layout.spatial_shape
     names = ("z", "y", "x")[-len(spatial):]
-    if p.output.kind == "labels":
-        shape, chunks, shards, dim_names = spatial, p.chunk_shape, p.shard_shape, names
-    else:
+    if p.output.kind == "probabilities":
         k = p.info.classes
         shape, chunks = (k, *spatial), (k, *p.chunk_shape)
         shards = (k, *p.shard_shape) if p.shard_shape else None
         dim_names = ("c", *names)
+    else:
+        shape, chunks, shards, dim_names = spatial, p.chunk_shape, p.shard_shape, names
     store.create_output(
         p.config.output, shape=shape, chunks=chunks, shards=shards, dtype=p.output.dtype, dimension_names=dim_names,
         attributes=output_attributes(p, stats), overwrite=o.overwrite, compression_level=o.compression_level,
     )
+    if p.output.kind == "instances":
+        store.create_output(scratch_path(p.config.output), shape=shape, chunks=chunks, dtype="uint64", overwrite=True)
 
 
 def make_job(p: Prepared, stats: Sequence[Sequence[float]]) -> BlockJob:
     c = p.config
+    output_path = scratch_path(c.output) if p.output.kind == "instances" else os.path.abspath(c.output)
     return BlockJob(
-        input_path=os.path.abspath(c.input), output_path=os.path.abspath(c.output), plan=p.plan, layout=p.layout,
+        input_path=os.path.abspath(c.input), output_path=output_path, plan=p.plan, layout=p.layout,
         source=p.source, norm=p.norm, norm_stats=tuple(tuple(s) for s in stats), output=p.output,
         mirror=c.tiling.mirror, batch_size=c.tiling.batch_size, device=c.device, amp=c.amp,
         threads=schedule.cpu_threads_per_worker(c.cluster) if c.cluster.kind != "inline" else 0,
     )
 
 
-def _dispatch(config: RunConfig, job: BlockJob, block_ids: list[int], on_result: Any, *, fn: Any = run_block,
-              log_directory: str | None = None) -> list[schedule.BlockFailure]:
-    if not block_ids:
-        return []
+@contextlib.contextmanager
+def _executor(config: RunConfig, *, log_directory: str | None = None) -> Iterator[Any]:
+    """A ``dispatch(fn, job, block_ids, on_result) -> failures`` bound to one cluster for the run.
+
+    Blocks are retried ``cluster.retries`` times and ask for the workers' resources.
+    """
     if config.cluster.kind == "inline":
-        return schedule.run_inline(fn, job, block_ids, on_result=on_result)
+        yield schedule.run_inline
+        return
     spec = config.cluster
     with schedule.open_client(spec, log_directory=log_directory) as client:
-        return schedule.run_blocks(
-            client, fn, job, block_ids, on_result=on_result, max_in_flight=2 * schedule.expected_workers(spec),
-            retries=spec.retries, resources=schedule.worker_resources(spec),
+        yield functools.partial(
+            schedule.run_blocks, client, max_in_flight=2 * schedule.expected_workers(spec), retries=spec.retries,
+            resources=schedule.worker_resources(spec),
         )
 
 

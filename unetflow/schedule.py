@@ -123,6 +123,8 @@ def jobqueue_options(spec: ClusterSpec, *, log_directory: str | None = None) -> 
     resources = worker_resources(spec)
     if resources:
         worker_args += ["--resources", ",".join(f"{k}={v:g}" for k, v in resources.items())]
+    if spec.kind == "htcondor":  # HTCondor takes submit-file lines "key = value" as a dict
+        directives = dict(tuple(part.strip() for part in d.split("=", 1)) for d in directives)  # type: ignore[assignment]
     options: dict[str, Any] = {
         "cores": spec.cores,
         "processes": 1,
@@ -139,6 +141,8 @@ def jobqueue_options(spec: ClusterSpec, *, log_directory: str | None = None) -> 
         options["account"] = spec.account
     if spec.walltime:
         options["walltime"] = spec.walltime
+    if spec.disk:
+        options["disk"] = spec.disk
     if spec.interface:
         options["interface"] = spec.interface
     return options

@@ -180,6 +180,12 @@ def create_output(
     )
 
 
+def remove(path: str | os.PathLike[str]) -> None:
+    """Delete a store this run made itself (a scratch array); missing is fine."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+
+
 def open_output(path: str | os.PathLike[str]) -> zarr.Array:
     """Open an existing output for writing blocks."""
     return zarr.open_array(store=str(path), mode="r+")
