@@ -142,15 +142,19 @@ def test_failing_block_reported_others_finish_resume_redoes_it(tmp_path):
     np.testing.assert_array_equal(zarr.open_array(str(out))[0], 2.0 * data)
 
 
-def test_parts_write_one_output_together(tmp_path, image3d):
+def test_parts_write_one_output_together(tmp_path, image3d, caplog):
     inp, data = image3d
     out = tmp_path / "o.zarr"
     seen = []
+    caplog.set_level("INFO", logger="unetflow.run")
     for i in (2, 1, 3):
         report = segment(config(inp, out, part=f"{i}/3"), source=ScaleNetSource(factor=2.0), progress=False)
         seen += [r.block_id for r in report.results]
         assert report_of(out, (i, 3))["blocks"]["total"] == 15
     assert sorted(seen) == list(range(45))  # each block once, by exactly one part
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.getMessage().startswith('{"event": "block_done"')]
+    assert sorted(line["block_id"] for line in lines) == list(range(45))  # one structured log line per block
+    assert set(lines[0]) >= {"write_box", "read_box", "seconds", "device", "worker", "patches"}
     np.testing.assert_array_equal(zarr.open_array(str(out))[0], 2.0 * data)
 
 

@@ -136,9 +136,15 @@ def jobqueue_options(spec: ClusterSpec, *, log_directory: str | None = None) -> 
         "log_directory": spec.log_directory or log_directory,
         "scheduler_options": {"dashboard_address": ":0"},
     }
-    if spec.kind != "htcondor":
+    if spec.queue and spec.kind != "htcondor":
         options["queue"] = spec.queue
-        options["account"] = spec.account
+    if spec.account:  # each scheduler names the account differently
+        if spec.kind in ("slurm", "pbs"):
+            options["account"] = spec.account
+        elif spec.kind == "lsf":
+            options["project"] = spec.account
+        elif spec.kind == "sge":
+            options["job_extra_directives"] = directives + [f"-A {spec.account}"]
     if spec.walltime:
         options["walltime"] = spec.walltime
     if spec.disk:
