@@ -122,12 +122,12 @@ def test_resume_refuses_other_settings_or_model(tmp_path, image3d):
     assert report.blocks_done == 45 and report.blocks_skipped == 0
 
 
-def test_failing_block_reported_others_finish_resume_redoes_it(tmp_path):
+@pytest.mark.parametrize("cluster", [ClusterSpec(kind="local", workers=2, retries=1), ClusterSpec(kind="inline")], ids=["local", "inline"])
+def test_failing_block_reported_others_finish_resume_redoes_it(tmp_path, cluster):
     data = random_image((16, 24, 16)).astype(np.float32)
     data[4, 12, 4] = 1e6  # inside block 2 only (its patches do not cross block borders)
     inp = write_zarr(tmp_path / "in.zarr", data)
     out = tmp_path / "o.zarr"
-    cluster = ClusterSpec(kind="local", workers=2, retries=1)
     with pytest.raises(BlockFailedError, match=r"1 of 12 blocks failed .*block 2 write box offset \[0, 8, 0\] shape \[8, 8, 8\].*--resume"):
         segment(config(inp, out, cluster=cluster), source=ScaleNetSource(factor=2.0, fail_above=1e5), progress=False)
     summary = report_of(out)

@@ -257,10 +257,23 @@ def run_blocks(
 
 
 def run_inline(fn: Callable[[Any, int], Any], job: Any, block_ids: Sequence[int], *, on_result: Callable[[Any], None]) -> list[BlockFailure]:
-    """Run blocks one after another in this process (``cluster: inline``)."""
+    """Run blocks one after another in this process (``cluster: inline``).
+
+    As in :func:`run_blocks`, a block's own error is recorded and the others go on;
+    a :class:`UnetflowError` stops the run.
+    """
+    failures: list[BlockFailure] = []
     for block_id in block_ids:
-        on_result(fn(job, block_id))
-    return []
+        try:
+            result = fn(job, block_id)
+        except UnetflowError:
+            raise
+        except Exception as err:  # recorded and reported; the other blocks go on
+            failures.append(BlockFailure(block_id, f"{type(err).__name__}: {err}"))
+            log.error("block %d failed: %s: %s", block_id, type(err).__name__, err)
+            continue
+        on_result(result)
+    return failures
 
 
 def raise_failures(failures: Sequence[BlockFailure], total: int) -> None:
