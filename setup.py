@@ -18,6 +18,7 @@ setup(
         "zarr>=3.0.8",
         "numcodecs>=0.15",
         "tifffile>=2024.8",
+        "h5py>=3.8",  # HDF5 inputs (file.h5:/dataset), the usual container of EM volumes
         "click>=8.1",
         "pyyaml>=6",
         "tqdm>=4.60",
@@ -26,7 +27,18 @@ setup(
         "torch>=2.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2"],
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2",
+            # interoperability: a reader and a validator unetflow did not write, an S3 server on loopback
+            "tensorstore>=0.1.60",
+            "ome-zarr-models>=1.0",
+            "moto[server]>=5",
+            "s3fs>=2024.6",
+            "pillow>=10",
+        ],
+        "s3": ["s3fs>=2024.6"],
+        "gcs": ["gcsfs>=2024.6"],
         "preview": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["unetflow=unetflow.cli:main"]},

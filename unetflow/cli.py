@@ -79,13 +79,15 @@ def _shape(value: str | None, what: str) -> tuple[int, ...] | None:
 @click.option("--allow-small-halo", is_flag=True, help="Crop mode: accept a halo smaller than the receptive radius (results then depend on the tiling; warns).")
 @click.option("--mirror", type=click.Choice(["reflect", "symmetric"]), default="reflect", show_default=True, help="How context outside the image is filled (numpy names).")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Patches per forward pass. Larger: better GPU use, more memory.")
-@click.option("--output", "output_kind", type=click.Choice(["probabilities", "labels"]), default="probabilities", show_default=True, help="Class probabilities (C, ...) or argmax labels.")
+@click.option("--output", "output_kind", type=click.Choice(["probabilities", "labels", "instances"]), default="probabilities", show_default=True, help="Class probabilities (C, ...), argmax labels, or instances: one 64-bit id per object for models trained on instance labels (background/interior/border), consistent across blocks (a CPU merge phase after the blocks).")
 @click.option("--dtype", default=None, help="Probabilities: float32 (default), float16 or uint8 (x255, 4x smaller). Labels: the smallest unsigned type that fits.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output. Without it an existing output is never touched.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (blocks, shapes, redundancy, memory per worker) and stop.")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu or cuda.")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision (bf16). Default: on for GPUs, off on CPU.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@click.option("--ome", is_flag=True, help="Write OME-Zarr 0.5 (multiscales, voxel size, a pyramid for viewers; labels under labels/segmentation). On by default for OUTPUT ending in .ome.zarr.")
+@click.option("--level", type=int, default=None, help="Resolution level of a multiscale INPUT (OME-Zarr, pyramidal OME-TIFF); 0 is full resolution.")
 @click.option("-v", "--verbose", count=True, help="-v: a log line per block; -vv: debug.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="YAML run config (cluster, tiling, output, device); see pipelines/configs/. Flags given on the command line override it.")
 @click.option("--resume", is_flag=True, help="Finish an existing output: skip blocks with a done marker, after checking it was made with the same settings and model. Takes over the stale lock of a dead run.")
@@ -94,13 +96,20 @@ def _shape(value: str | None, what: str) -> tuple[int, ...] | None:
 def segment(input_path: str, output_path: str, model: str, workers: int, gpus: int, scheduler: str | None, block_shape: str | None,
             patch_shape: str | None, chunk_shape: str | None, shard_shape: str | None, blend: str, overlap: float, halo: str | None,
             allow_small_halo: bool, mirror: str, batch_size: int, output_kind: str, dtype: str | None, overwrite: bool,
-            dry_run: bool, device: str, amp: bool | None, progress: bool, verbose: int, config_file: str | None = None,
-            resume: bool = False, part: str | None = None) -> None:
-    """Segment INPUT (a Zarr array) into OUTPUT (a new Zarr v3 array).
+            dry_run: bool, device: str, amp: bool | None, progress: bool, ome: bool, level: int | None, verbose: int,
+            config_file: str | None = None, resume: bool = False, part: str | None = None) -> None:
+    """Segment INPUT into OUTPUT (a new Zarr v3 array, or OME-Zarr for *.ome.zarr / --ome).
+
+    INPUT is a Zarr array, an OME-Zarr image (--level), a TIFF / BigTIFF / OME-TIFF,
+    a folder or quoted glob of one TIFF per z-slice, file.h5:/dataset, or an fsspec
+    URL (s3://, gs://, https://) of Zarr; credentials come from the environment.
 
     \b
     Examples:
       unetflow segment raw.zarr pred.zarr --model unet.pt --gpus 4
+      unetflow segment stack.ome.tif pred.ome.zarr --model unet.pt
+      unetflow segment em.h5:/volumes/raw pred.zarr --model unet.pt
+      unetflow segment s3://bucket/raw.ome.zarr pred.ome.zarr --model unet.pt --level 1
       unetflow segment data.zarr/em/raw pred.zarr --model unet.pt --workers 2 --block-shape 256,256,256
       unetflow segment raw.zarr pred.zarr --model unet.pt --dry-run
       unetflow segment raw.zarr pred.zarr --model unet.pt --config pipelines/configs/slurm.yaml
@@ -122,8 +131,8 @@ def segment(input_path: str, output_path: str, model: str, workers: int, gpus: i
         tiling=TilingSpec(block_shape=_shape(block_shape, "block shape"), patch_shape=_shape(patch_shape, "patch shape"), blend=blend, overlap=overlap,
                           halo=_shape(halo, "halo"), allow_small_halo=allow_small_halo, mirror=mirror, batch_size=batch_size),
         output_settings=OutputSettings(kind=output_kind, dtype=dtype, chunk_shape=_shape(chunk_shape, "chunk shape"),
-                                       shard_shape=_shape(shard_shape, "shard shape"), overwrite=overwrite),
-        cluster=cluster, device=device, amp=amp, dry_run=dry_run, resume=resume, part=part,
+                                       shard_shape=_shape(shard_shape, "shard shape"), overwrite=overwrite, ome=ome),
+        cluster=cluster, device=device, amp=amp, dry_run=dry_run, level=level, resume=resume, part=part,
     )
     if config_file:
         config = _with_config_file(config, config_file)
@@ -188,6 +197,76 @@ def info(path: str, as_json: bool) -> None:
         click.echo(f"{key:16s} {value}")
 
 
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.argument("output_path", metavar="OUTPUT")
+@click.option("--chunks", default=None, help="Output chunk shape, e.g. 64,256,256 (last axes; leading axes get 1). Default 64,256,256 (3-D) or 512,512 (2-D).")
+@click.option("--shards", default=None, help="Output shard shape (whole chunks); each shard is one task. Fewer, larger files on disk; more memory per task.")
+@click.option("--level", type=int, default=None, help="Resolution level of a multiscale INPUT.")
+@click.option("--workers", type=int, default=4, show_default=True, help="Parallel copy threads; memory holds one chunk (or shard) per thread.")
+@click.option("--ome", is_flag=True, help="Write an OME-Zarr 0.5 image with a pyramid (default for OUTPUT ending in .ome.zarr).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@click.option("-v", "--verbose", count=True)
+@friendly_errors
+def convert(inputs: tuple[str, ...], output_path: str, chunks: str | None, shards: str | None, level: int | None, workers: int,
+            ome: bool, overwrite: bool, progress: bool, verbose: int) -> None:
+    """Copy INPUT (TIFF, TIFF slices, HDF5, OME-Zarr, URL) into OUTPUT, a chunked Zarr v3 array.
+
+    Several INPUTs (an unquoted glob the shell expanded) are one TIFF per z-slice,
+    sorted by name. Reads and writes chunk by chunk: memory stays bounded.
+
+    \b
+    Examples:
+      unetflow convert slices/*.tif raw.zarr --chunks 64,256,256
+      unetflow convert em.h5:/volumes/raw raw.zarr --chunks 64,256,256 --shards 128,512,512
+      unetflow convert stack.ome.tif raw.ome.zarr
+    """
+    _setup_logging(verbose)
+    from tqdm.auto import tqdm
+
+    from unetflow import store
+    from unetflow.formats import convert as conv
+
+    source = store.open_input(inputs[0], level=level) if len(inputs) == 1 else _slices(list(inputs))
+    total = conv.n_units(source.shape, _shape(chunks, "chunks"), _shape(shards, "shards"))
+    with tqdm(total=total, unit="chunk" if not shards else "shard", disable=not progress, dynamic_ncols=True) as bar:
+        out = conv.convert(source, output_path, chunks=_shape(chunks, "chunks"), shards=_shape(shards, "shards"), workers=workers,
+                           overwrite=overwrite, ome=ome, on_progress=bar.update)
+    click.echo(f"wrote {output_path}: shape {tuple(out.shape)} {out.dtype}, chunks {tuple(out.chunks)}")
+
+
+def _slices(files: list[str]) -> Any:
+    from unetflow.formats import tiff
+
+    return tiff.open_slices(files)
+
+
+@main.command()
+@click.argument("prediction")
+@click.option("-o", "--output", "png", default="preview.png", show_default=True, type=click.Path(dir_okay=False), help="The PNG to write.")
+@click.option("--z", type=int, default=None, help="The z-slice (default: the middle one).")
+@click.option("--max-projection", is_flag=True, help="Maximum over z instead of one slice (reads slab by slab).")
+@click.option("--input", "input_path", default=None, help="The input to draw under the prediction (default: the one recorded in its attributes).")
+@click.option("--level", type=int, default=None, help="Resolution level of --input.")
+@click.option("--channel", type=int, default=None, help="Probabilities: the class to overlay (default: the last).")
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="Overlay opacity.")
+@friendly_errors
+def preview(prediction: str, png: str, z: int | None, max_projection: bool, input_path: str | None, level: int | None,
+            channel: int | None, alpha: float) -> None:
+    """Write a PNG of one slice of PREDICTION over its input: a quick look without napari.
+
+    \b
+    Examples:
+      unetflow preview pred.ome.zarr --z 40 -o preview.png
+      unetflow preview pred.zarr --max-projection --input raw.zarr -o mip.png
+    """
+    from unetflow.formats.preview import render
+
+    info = render(prediction, png, input_path=input_path, level=level, z=z, project=max_projection, channel=channel, alpha=alpha)
+    click.echo(f"wrote {png}: {info['shape'][0]}x{info['shape'][1]} " + (f"over {info['input']}" if info["input"] else "(prediction only)"))
+
+
 @main.group()
 def model() -> None:
     """Make and inspect model checkpoints."""
@@ -237,6 +316,8 @@ def model_info(path: str, probe: bool) -> None:
 
         click.echo(f"{'probed radius':16s} {probe_receptive_radius(ckpt.net)}")
 
+
+from unetflow import cli_train  # noqa: E402,F401  (registers train, sample, evaluate, demo)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -100,7 +100,7 @@ def sample(path: str, dims: str, shape: str | None, seed: int, overwrite: bool) 
     Touching nuclei-like blobs with blur, uneven background, Poisson and Gaussian noise.
     Train on it with `unetflow train PATH/raw PATH/labels model.pt`.
     """
-    from unetflow.samples import write_sample
+    from unetflow.sample import write_sample
 
     size = _shape(shape, "shape") or ((48, 128, 128) if dims == "3" else (512, 512))
     info = write_sample(path, size, seed=seed, overwrite=overwrite)
@@ -119,7 +119,7 @@ def evaluate(prediction: str, truth: str, as_json: bool) -> None:
     maps from instance-trained models (background/interior/border) are turned into
     instances first. Reads both arrays into memory.
     """
-    from unetflow.samples import evaluate_arrays
+    from unetflow.evaluate import evaluate_arrays
 
     scores = evaluate_arrays(prediction, truth)
     if as_json:

@@ -186,6 +186,7 @@ class OutputSettings:
     shard_shape: tuple[int, ...] | None = None
     compression_level: int = 3
     overwrite: bool = False
+    ome: bool = False  # OME-Zarr 0.5 output (also when the path ends in .ome.zarr)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", choose(self.kind, OUTPUT_KINDS, what="output kind"))
@@ -271,6 +272,7 @@ class RunConfig:
     device: str = "auto"
     amp: bool | None = None
     dry_run: bool = False
+    level: int | None = None  # resolution level of a multiscale input (OME-Zarr, pyramidal TIFF)
     resume: bool = False
     part: tuple[int, int] | None = None
 

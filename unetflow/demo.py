@@ -40,8 +40,8 @@ def run_demo(out_dir: str, shape: tuple[int, ...], *, workers: int = 2, seed: in
     write_sample(sample_path, tuple(shape), seed=seed, overwrite=True)
     config = RunConfig(
         input=f"{sample_path}/raw", output=pred_path, model=bundled_model(),
-        tiling=TilingSpec(block_shape=(32, 64, 64)),
-        output_settings=OutputSettings(kind="instances", chunk_shape=(32, 64, 64), overwrite=True),
+        tiling=TilingSpec(block_shape=_demo_block(shape)),
+        output_settings=OutputSettings(kind="instances", chunk_shape=_demo_block(shape), overwrite=True),
         cluster=ClusterSpec(kind="local", workers=workers),
     )
     report = segment(config)
@@ -59,28 +59,18 @@ def run_demo(out_dir: str, shape: tuple[int, ...], *, workers: int = 2, seed: in
     }
 
 
+def _demo_block(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Two blocks (one per demo worker): split the last axis."""
+    return (*shape[:-1], max(1, -(-shape[-1] // 2)))
+
+
 def write_preview(path: str, raw: np.ndarray, labels: np.ndarray, truth: np.ndarray) -> None:
     """Middle slice: input | predicted instances over the input | ground truth, as one PNG."""
-    from PIL import Image
+    from unetflow.formats.preview import compose, write_png
 
     z = raw.shape[0] // 2 if raw.ndim == 3 else None
-    img = raw[z] if z is not None else raw
-    lab = labels[z] if z is not None else labels
-    tru = truth[z] if z is not None else truth
-    lo, hi = np.percentile(img, [1, 99.8])
-    gray = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
-    rgb = np.repeat(gray[..., None], 3, axis=2)
-    panels = [rgb, _overlay(rgb, lab), _overlay(rgb, tru)]
-    sep = np.ones((img.shape[0], 4, 3))
+    img, lab, tru = (a[z] if z is not None else a for a in (raw, labels, truth))
+    panels = [compose(img, np.zeros_like(lab), labels=True), compose(img, lab, labels=True), compose(img, tru, labels=True)]
+    sep = np.full((img.shape[0], 4, 3), 255, dtype=np.uint8)
     row = np.concatenate([panels[0], sep, panels[1], sep, panels[2]], axis=1)
-    Image.fromarray((row * 255).astype(np.uint8)).resize((row.shape[1] * 2, row.shape[0] * 2), Image.NEAREST).save(path)
-
-
-def _overlay(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    colours = rng.uniform(0.2, 1.0, (int(labels.max()) + 1, 3))
-    colours[0] = 0
-    mask = labels > 0
-    out = rgb.copy()
-    out[mask] = 0.45 * rgb[mask] + 0.55 * colours[labels[mask]]
-    return out
+    write_png(path, np.repeat(np.repeat(row, 2, axis=0), 2, axis=1))

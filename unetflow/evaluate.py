@@ -163,3 +163,23 @@ def evaluate(pred_instances: np.ndarray, true_instances: np.ndarray, *, threshol
     scores["n_pred"] = scores["tp"] + scores["fp"]
     scores["n_true"] = scores["tp"] + scores["fn"]
     return scores
+
+
+def evaluate_arrays(prediction: str, truth: str) -> dict[str, float]:
+    """Score stored arrays: *prediction* (instances, a class map or probabilities) against *truth*.
+
+    A float prediction with one axis more than the truth is probabilities (C, ...) and
+    is turned into its argmax; a 3-class map (background / interior / border) into
+    instances by :func:`unetflow.label.label_whole`.
+    """
+    from unetflow import store
+    from unetflow.label import label_whole
+
+    pred = np.asarray(store.open_input(prediction)[...])
+    true = np.asarray(store.open_input(truth)[...])
+    if pred.ndim == true.ndim + 1:
+        pred = pred.argmax(axis=0)
+        if pred.max(initial=0) <= 2:
+            pred = label_whole(pred)
+    _check_pair(pred, true)
+    return evaluate(pred.astype(np.int64), true.astype(np.int64))

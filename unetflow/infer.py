@@ -93,6 +93,7 @@ class BlockJob:
     device: str = "auto"
     amp: bool | None = None
     threads: int = 0
+    input_level: int | None = None
 
 
 @dataclass(frozen=True)
@@ -160,8 +161,8 @@ def get_predictor(source: Any, *, device: str = "auto", amp: bool | None = None,
 
 
 @lru_cache(maxsize=8)
-def _open_input(path: str) -> Any:
-    return store.open_input(path)
+def _open_input(path: str, level: int | None = None) -> Any:
+    return store.open_input(path, level=level)
 
 
 @lru_cache(maxsize=8)
@@ -259,7 +260,7 @@ def run_block(job: BlockJob, block_id: int) -> BlockResult:
     """Compute and write one block. Idempotent: running it twice writes the same bytes."""
     t0 = time.perf_counter()
     block = job.plan.block(block_id)
-    raw = store.read_box(_open_input(job.input_path), block.read_box, layout=job.layout, mode=job.mirror, name=job.input_path)
+    raw = store.read_box(_open_input(job.input_path, job.input_level), block.read_box, layout=job.layout, mode=job.mirror, name=job.input_path)
     image = normalise(raw, job.norm, job.norm_stats)
     t1 = time.perf_counter()
     predictor = get_predictor(job.source, device=job.device, amp=job.amp, threads=job.threads)

@@ -89,7 +89,7 @@ def prepare(config: RunConfig, *, source: Any = None) -> Prepared:
     info = net_info(net)
     spec = net.spec.to_dict() if hasattr(net, "spec") else None
     norm = net.spec.norm if hasattr(net, "spec") else _no_norm()
-    array = store.open_input(config.input)
+    array = store.open_input(config.input, level=config.level)
     layout = store.layout_for(array, info.dims, name=config.input)
     if layout.channels != info.in_channels:
         raise ShapeError(
@@ -209,7 +209,7 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True) -> 
     report = RunReport(summary=p.summary())
     if config.dry_run:
         return report
-    array = store.open_input(config.input)
+    array = store.open_input(config.input, level=config.level)
     stats = norm_stats(store.sample_voxels(array, layout=p.layout), p.norm)
     if p.output.kind == "instances" and (config.resume or config.part):
         raise ConfigError(
@@ -245,6 +245,13 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True) -> 
                 label_instances(p, job, report.results, dispatch)
         report.seconds = time.perf_counter() - t0
         report.failures = [failure_entry(p, f) for f in failures]
+        finished = run_dir.path / "ome-finished"
+        if not failures and _ome(config) and len(run_dir.done_blocks()) >= p.plan.n_blocks and (report.blocks_done or not finished.exists()):
+            from unetflow.formats import omezarr  # the pyramid, once every block (of every part) is done
+
+            vox = getattr(array, "voxel_size", None)
+            omezarr.finish_output(config.output, kind=p.output.kind, voxel_size=vox, unit=getattr(array, "unit", None))
+            finished.touch()
         resume.write_json(run_dir.report_file(config.part), report_dict(p, report, ident, len(block_ids)))
     if failures:
         raise BlockFailedError(failure_message(report.failures, len(block_ids), config.output))
@@ -303,7 +310,7 @@ def run_identity(p: Prepared, stats: Sequence[Sequence[float]]) -> dict[str, Any
     """What must match for ``--resume`` to continue an output (see ``resume.identity``)."""
     model = p.source.describe() if hasattr(p.source, "describe") else {"repr": repr(p.source)}
     extra = {
-        "input": {"path": os.path.abspath(p.config.input), "shape": list(p.layout.spatial_shape), "channels": p.layout.channels},
+        "input": {"path": store.absolute_input(p.config.input), "shape": list(p.layout.spatial_shape), "channels": p.layout.channels},
         "norm_stats": [[float(v) for v in s] for s in stats],
         "output": to_dict(p.output),
         "unetflow": unetflow.__version__,
@@ -365,7 +372,7 @@ def label_instances(p: Prepared, job: BlockJob, results: Sequence[BlockResult], 
     for r in results:
         counts[r.block_id] = r.objects
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.uint64)
-    lj = label.LabelJob(job.output_path, os.path.abspath(p.config.output), p.plan, offsets)
+    lj = label.LabelJob(job.output_path, os.path.abspath(output_array_path(p.config, p.output.kind)), p.plan, offsets)
     pairs: list[np.ndarray] = []
     ids = list(range(p.plan.n_blocks))
     schedule.raise_failures(dispatch(label.block_face_pairs, lj, ids, on_result=pairs.append), len(ids))
@@ -383,6 +390,26 @@ def scratch_path(output: str) -> str:
     return os.path.abspath(output).rstrip("/") + ".instances-scratch"
 
 
+def train(spec: Any, *, progress: bool = True) -> Any:
+    """Train a U-Net (``unetflow train``): see :mod:`unetflow.train.loop`."""
+    from unetflow.train.loop import train as train_loop
+
+    return train_loop(spec, progress=progress)
+
+
+def _ome(config: RunConfig) -> bool:
+    return config.output_settings.ome or config.output.rstrip("/").lower().endswith(".ome.zarr")
+
+
+def output_array_path(config: RunConfig, kind: str) -> str:
+    """The array the blocks write: the output itself, or level 0 inside an OME-Zarr group."""
+    if not _ome(config):
+        return config.output
+    from unetflow.formats import omezarr
+
+    return omezarr.level0_path(config.output, kind=kind)
+
+
 def create_output_array(p: Prepared, stats: Sequence[Sequence[float]]) -> None:
     o = p.config.output_settings
     spatial = p.layout.spatial_shape
@@ -394,8 +421,13 @@ def create_output_array(p: Prepared, stats: Sequence[Sequence[float]]) -> None:
         dim_names = ("c", *names)
     else:
         shape, chunks, shards, dim_names = spatial, p.chunk_shape, p.shard_shape, names
+    path = p.config.output
+    if _ome(p.config):
+        from unetflow.formats import omezarr
+
+        path = omezarr.prepare_output(path, kind=p.output.kind, overwrite=o.overwrite)
     store.create_output(
-        p.config.output, shape=shape, chunks=chunks, shards=shards, dtype=p.output.dtype, dimension_names=dim_names,
+        path, shape=shape, chunks=chunks, shards=shards, dtype=p.output.dtype, dimension_names=dim_names,
         attributes=output_attributes(p, stats), overwrite=o.overwrite, compression_level=o.compression_level,
     )
     if p.output.kind == "instances":
@@ -404,12 +436,13 @@ def create_output_array(p: Prepared, stats: Sequence[Sequence[float]]) -> None:
 
 def make_job(p: Prepared, stats: Sequence[Sequence[float]]) -> BlockJob:
     c = p.config
-    output_path = scratch_path(c.output) if p.output.kind == "instances" else os.path.abspath(c.output)
+    output_path = scratch_path(c.output) if p.output.kind == "instances" else os.path.abspath(output_array_path(c, p.output.kind))
     return BlockJob(
-        input_path=os.path.abspath(c.input), output_path=output_path, plan=p.plan, layout=p.layout,
+        input_path=store.absolute_input(c.input), output_path=output_path, plan=p.plan, layout=p.layout,
         source=p.source, norm=p.norm, norm_stats=tuple(tuple(s) for s in stats), output=p.output,
         mirror=c.tiling.mirror, batch_size=c.tiling.batch_size, device=c.device, amp=c.amp,
         threads=schedule.cpu_threads_per_worker(c.cluster) if c.cluster.kind != "inline" else 0,
+        input_level=c.level,
     )
 
 

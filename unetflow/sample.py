@@ -217,3 +217,24 @@ def _camera(clean: np.ndarray, rng: np.random.Generator, photons: float, read_no
     shot = rng.poisson(np.clip(clean, 0.0, None) * photons).astype(np.float32)
     counts = shot + CAMERA_OFFSET + rng.normal(0.0, read_noise, clean.shape).astype(np.float32)
     return np.clip(np.rint(counts), 0, np.iinfo(np.uint16).max).astype(np.float32)
+
+
+def write_sample(path: str, shape: tuple[int, ...], *, seed: int = 0, overwrite: bool = False) -> dict[str, int]:
+    """Write ``make_sample`` to a Zarr v3 group: ``path/raw`` (uint16) and ``path/labels`` (uint32).
+
+    Refuses an existing *path* unless *overwrite*.
+    """
+    from unetflow import store
+    from unetflow.geometry import Box
+
+    image, labels = make_sample(tuple(shape), seed=seed)
+    store.check_output_free(path, overwrite=overwrite)
+    store.remove(path)
+    names = ("z", "y", "x")[-len(shape):]
+    chunks = tuple(min(s, 64 if len(shape) == 3 else 256) for s in shape)
+    box = Box((0,) * len(shape), tuple(shape))
+    for name, data in (("raw", image), ("labels", labels)):
+        array = store.create_output(f"{path}/{name}", shape=shape, chunks=chunks, dtype=str(data.dtype), dimension_names=names,
+                                    attributes={"unetflow": {"sample": {"seed": seed, "shape": list(shape)}}})
+        store.write_box(array, box, data, channel_axis=False)
+    return {"objects": int(labels.max())}

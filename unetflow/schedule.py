@@ -178,7 +178,7 @@ def _cpu_cluster(spec: ClusterSpec) -> Any:
         threads_per_worker=max(1, spec.threads) if spec.resources else 1,
         processes=True,
         memory_limit=spec.memory_limit,
-        dashboard_address=None,
+        dashboard_address=":0",  # a free port: never collide with another cluster on 8787
         silence_logs=logging.WARNING,
     )
 
@@ -198,7 +198,7 @@ def _gpu_cluster(spec: ClusterSpec) -> Any:
         }
         for i in range(spec.gpus)
     }
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None}}
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
     return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING)
 
 

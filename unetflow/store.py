@@ -29,8 +29,13 @@ log = logging.getLogger(__name__)
 CHANNEL_NAMES = ("c", "ch", "channel", "channels")
 
 
-def open_input(path: str | os.PathLike[str]) -> zarr.Array:
-    """Open a Zarr (v2 or v3) array read-only, by path or ``store.zarr/group/array``.
+def open_input(path: str | os.PathLike[str], *, level: int | None = None) -> Any:
+    """Open an input read-only: a Zarr (v2 or v3) array, by path or ``store.zarr/group/array``.
+
+    Other formats go through :mod:`unetflow.formats` and come back as lazily sliceable
+    arrays with ``shape``, ``dtype``, ``chunks`` and ``dimension_names``: OME-Zarr
+    images at resolution *level*, TIFF / BigTIFF / OME-TIFF, a folder or glob of TIFF
+    slices, ``file.h5:/dataset`` and fsspec URLs (``s3://...``).
 
     Raises
     ------
@@ -40,6 +45,11 @@ def open_input(path: str | os.PathLike[str]) -> zarr.Array:
         *path* is a Zarr group, or not Zarr at all.
     """
     path = str(path)
+    from unetflow import formats
+    from unetflow.formats import omezarr
+
+    if formats.is_special(path):
+        return formats.open_image(path, level=level)
     if not os.path.exists(path):
         raise InputNotFoundError(f"input {path} does not exist; check the path (a Zarr array, or store.zarr/group/array)")
     try:
@@ -48,6 +58,10 @@ def open_input(path: str | os.PathLike[str]) -> zarr.Array:
         raise InputFormatError(
             f"input {path} is not a Zarr array ({type(err).__name__}); convert it to Zarr first or name the array inside the store"
         ) from None
+    if isinstance(node, zarr.Group) and omezarr.is_ome(node):
+        return omezarr.open_level(path, level=level)
+    if level not in (None, 0):
+        raise InputFormatError(f"input {path} is one Zarr array, not a multiscale image; leave out --level {level}")
     if isinstance(node, zarr.Group):
         names = sorted(name for name, _ in node.arrays())[:5]
         hint = f"; it holds arrays {names}, name one as {path}/{names[0]}" if names else "; name an array inside it"
@@ -92,7 +106,7 @@ def layout_for(array: zarr.Array, dims: int, *, name: str) -> Layout:
 
 
 def _dimension_names(array: zarr.Array) -> tuple[str | None, ...] | None:
-    names = getattr(array.metadata, "dimension_names", None)
+    names = getattr(array, "dimension_names", None) or getattr(getattr(array, "metadata", None), "dimension_names", None)
     return tuple(names) if names else None
 
 
@@ -115,7 +129,7 @@ def read_box(array: zarr.Array, box: Box, *, layout: Layout, mode: str = "reflec
         data = array[(slice(None),) + region] if layout.has_channel else array[region][None]
     except (RuntimeError, ValueError) as err:
         raise InputFormatError(
-            f"input {name or array.store_path} has a chunk that does not decode in box {list(zip(lo, hi))}: {err}; "
+            f"input {name or getattr(array, 'store_path', '')} has a chunk that does not decode in box {list(zip(lo, hi))}: {err}; "
             "restore the chunk from a copy or re-write the input"
         ) from None
     data = np.asarray(data)
@@ -140,6 +154,11 @@ def sample_voxels(array: zarr.Array, *, layout: Layout, max_chunks: int = 64) ->
         box = box.intersect(Box((0,) * len(grid), layout.spatial_shape))
         parts.append(read_box(array, box, layout=layout).reshape(layout.channels, -1))
     return np.concatenate(parts, axis=1)
+
+
+def absolute_input(path: str) -> str:
+    """*path* made absolute for workers in other directories; URLs stay as typed."""
+    return path if "://" in path else os.path.abspath(path)
 
 
 def check_output_free(path: str | os.PathLike[str], *, overwrite: bool) -> None:
@@ -200,6 +219,8 @@ def write_box(array: zarr.Array, box: Box, data: np.ndarray, *, channel_axis: bo
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Shape, dtype, chunks, shards, codecs, dimension names and attributes of an array."""
     array = open_input(path)
+    if not isinstance(array, zarr.Array):
+        return array.describe()
     meta = array.metadata
     info: dict[str, Any] = {
         "path": str(path),

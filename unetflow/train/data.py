@@ -38,6 +38,8 @@ class Pair:
     stats: tuple[tuple[float, float], ...]
     train_box: Box
     val_box: Box | None
+    classes: np.ndarray | None = None
+    weights: np.ndarray | None = None
 
 
 def open_pairs(pairs: tuple[tuple[str, str], ...], *, dims: int, in_channels: int, norm: NormSpec, val_fraction: float) -> list[Pair]:
@@ -72,6 +74,20 @@ def split(shape: tuple[int, ...], val_fraction: float) -> tuple[Box, Box | None]
     return train, val
 
 
+def prepare_targets(pairs: list[Pair], ps: "PatchSpec") -> None:
+    """Class targets and weight maps of every pair, computed once on the whole labels.
+
+    The weight map (the paper's eq. 2) needs distances to the two nearest objects,
+    which is costly per patch; it is computed once here and then deformed with the
+    image like an extra channel. Holds two arrays of the labels' size per pair in
+    memory (training sets are small: a few annotated images).
+    """
+    for pair in pairs:
+        labels = np.asarray(pair.labels[...])
+        pair.classes, pair.weights = make_targets(labels, ps)
+        log.info("targets of %s: classes %s, weights %.3g..%.3g", pair.labels_path, np.bincount(pair.classes.ravel()).tolist(), pair.weights.min(), pair.weights.max())
+
+
 def detect_targets(pairs: list[Pair], kind: str) -> tuple[str, int]:
     """``instances`` (3 classes) or ``classes`` (max label + 1), from a sample of the labels."""
     sample = np.concatenate([store.sample_voxels(p.labels, layout=store.Layout(False, 1, tuple(p.labels.shape)), max_chunks=16).ravel() for p in pairs])
@@ -96,28 +112,33 @@ class PatchSpec:
 
 
 def sample_patch(pair: Pair, rng: np.random.Generator, ps: PatchSpec, norm: NormSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One augmented sample: image (C, *patch) float32, target (*out) int64, weight (*out) float32."""
+    """One augmented sample: image (C, *patch) float32, target (*out) int64, weight (*out) float32.
+
+    Flips, rotations and the elastic field go identically to the image, the class
+    targets (nearest) and the weight map (linear, as an extra image channel).
+    """
     out_box = _random_out_box(pair.train_box, ps.out, rng)
     in_box = out_box.grow(ps.margin)
+    spatial = store.Layout(False, 1, pair.layout.spatial_shape)
     image = normalise(store.read_box(pair.image, in_box, layout=pair.layout), norm, pair.stats)
-    labels = store.read_box(pair.labels, in_box, layout=store.Layout(False, 1, pair.layout.spatial_shape))[0]
-    image, labels = random_flip_rot(image, labels, rng)
+    weight = store.read_box(pair.weights, in_box, layout=spatial)
+    target = store.read_box(pair.classes, in_box, layout=spatial)[0]
+    stacked, target = random_flip_rot(np.concatenate([image, weight]), target, rng)
     if ps.elastic_strength > 0:
-        image, labels = elastic(image, labels, rng, strength=ps.elastic_strength, grid=ps.elastic_grid, order=1)
-    image = intensity_jitter(image, rng)
-    target, weight = make_targets(labels, ps)
+        stacked, target = elastic(stacked, target, rng, strength=ps.elastic_strength, grid=ps.elastic_grid, order=1)
+    image, weight = intensity_jitter(stacked[:-1], rng), stacked[-1]
     crop = tuple(slice(ps.margin, ps.margin + o) for o in ps.out)
-    return np.ascontiguousarray(image, dtype=np.float32), target[crop].astype(np.int64), weight[crop].astype(np.float32)
+    return np.ascontiguousarray(image, dtype=np.float32), target[crop].astype(np.int64), np.ascontiguousarray(weight[crop], dtype=np.float32)
 
 
 def make_targets(labels: np.ndarray, ps: PatchSpec) -> tuple[np.ndarray, np.ndarray]:
     """Class targets and the paper's weight map (border term for instance labels)."""
     if ps.targets == "instances":
         classes = instance_to_classes(labels)
-        return classes, weight_map(labels, w0=ps.w0, sigma=ps.sigma, targets=classes)
+        return classes, weight_map(labels, w0=ps.w0, sigma=ps.sigma, targets=classes).astype(np.float32)
     classes = labels.astype(np.int64)
     n = int(classes.max()) + 1
-    return classes, class_balance_weights(classes, max(n, 2))[classes]
+    return classes.astype(np.uint8), class_balance_weights(classes, max(n, 2))[classes].astype(np.float32)
 
 
 def _random_out_box(train: Box, out: tuple[int, ...], rng: np.random.Generator) -> Box:

@@ -25,7 +25,7 @@ from unetflow.infer import Predictor, pick_device, predict_array
 from unetflow.model.checkpoint import load_checkpoint, save_checkpoint
 from unetflow.model.unet import UNet
 from unetflow.plan import make_tiling
-from unetflow.train.data import INSTANCE_CLASSES, PatchSpec, Pair, detect_targets, open_pairs, read_region, sample_patch
+from unetflow.train.data import INSTANCE_CLASSES, PatchSpec, Pair, detect_targets, open_pairs, prepare_targets, read_region, sample_patch
 from unetflow.train.losses import soft_dice_loss, weighted_cross_entropy
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ def train(spec: TrainSpec, *, progress: bool = True) -> TrainReport:
     if start:
         optimizer.load_state_dict(start["optimizer"])
     ps = _patch_spec(spec, net)
+    prepare_targets(pairs, ps)
     report = TrainReport(best=spec.output, last=last_path(spec.output))
     report.history, report.best_score = (list(start["history"]), float(start["best_score"])) if start else ([], -1.0)
     for epoch in range(int(start["epoch"]) + 1 if start else 0, spec.epochs):
@@ -73,7 +74,7 @@ def train(spec: TrainSpec, *, progress: bool = True) -> TrainReport:
         scores = validate(net, pairs, ps, device=device)
         entry = {"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - t0, **scores}
         report.history.append(entry)
-        score = scores.get("object_f1", scores.get("foreground_iou", -loss))
+        score = scores.get("f1", scores.get("foreground_iou", -loss))
         if score > report.best_score or not os.path.exists(spec.output):
             report.best_score = score
             save_checkpoint(spec.output, net, extra=_extra(spec, epoch, report, None))
@@ -166,7 +167,7 @@ def _loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, kind
 def validate(net: UNet, pairs: list[Pair], ps: PatchSpec, *, device: torch.device) -> dict[str, float]:
     """Scores on the held-out parts (capped to a central crop): foreground IoU, object F1."""
     from unetflow.evaluate import evaluate
-    from unetflow.instances import label_instances_from_classes
+    from unetflow.label import label_whole
 
     boxes = [(p, _val_crop(p.val_box, net.spec.dims)) for p in pairs if p.val_box is not None]
     if not boxes:
@@ -179,7 +180,7 @@ def validate(net: UNet, pairs: list[Pair], ps: PatchSpec, *, device: torch.devic
         image, labels = read_region(pair, box, net.spec.norm)
         classes = predict_array(predictor, image, tiling).argmax(axis=0)
         if ps.targets == "instances":  # ids offset per pair so objects of different pairs never match
-            pred = label_instances_from_classes(classes).ravel().astype(np.int64)
+            pred = label_whole(classes).ravel().astype(np.int64)
             true = labels.ravel().astype(np.int64)
             preds.append(np.where(pred > 0, pred + offset, 0))
             truths.append(np.where(true > 0, true + offset, 0))
