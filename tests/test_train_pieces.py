@@ -94,9 +94,10 @@ def test_touching_objects_get_a_border_on_each_side():
     labels = np.zeros((5, 8), dtype=np.uint32)
     labels[:, :4] = 1
     labels[:, 4:] = 2
-    classes = instance_to_classes(labels)
     # no background at all; the image edge is not a border, the contact is
-    np.testing.assert_array_equal(classes[2], [1, 1, 1, 2, 2, 1, 1, 1])
+    np.testing.assert_array_equal(instance_to_classes(labels, touch_width=1)[2], [1, 1, 1, 2, 2, 1, 1, 1])
+    # by default the contact border is 2 deep on each side
+    np.testing.assert_array_equal(instance_to_classes(labels)[2], [1, 1, 2, 2, 2, 2, 1, 1])
 
 
 def test_targets_3d_cube():

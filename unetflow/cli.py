@@ -93,11 +93,15 @@ def _shape(value: str | None, what: str) -> tuple[int, ...] | None:
 @click.option("--ome", is_flag=True, help="Write OME-Zarr 0.5 (multiscales, voxel size, a pyramid for viewers; labels under labels/segmentation). On by default for OUTPUT ending in .ome.zarr.")
 @click.option("--level", type=int, default=None, help="Resolution level of a multiscale INPUT (OME-Zarr, pyramidal OME-TIFF); 0 is full resolution.")
 @click.option("-v", "--verbose", count=True, help="-v: a log line per block; -vv: debug.")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="YAML run config (cluster, tiling, output, device); see pipelines/configs/. Flags given on the command line override it.")
+@click.option("--resume", is_flag=True, help="Finish an existing output: skip blocks with a done marker, after checking it was made with the same settings and model. Takes over the stale lock of a dead run.")
+@click.option("--part", default=None, help="i/n: compute only every n-th block starting at block i-1; n independent jobs with --part 1/n .. n/n write one output together.")
 @friendly_errors
 def segment(input_path: str, output_path: str, model: str, workers: int, gpus: int, scheduler: str | None, block_shape: str | None,
             patch_shape: str | None, chunk_shape: str | None, shard_shape: str | None, blend: str, overlap: float, halo: str | None,
             allow_small_halo: bool, mirror: str, batch_size: int, output_kind: str, dtype: str | None, overwrite: bool,
             dry_run: bool, device: str, amp: bool | None, progress: bool, ome: bool, level: int | None, verbose: int,
+            config_file: str | None = None, resume: bool = False, part: str | None = None,
             skip_empty: bool = False, skip_threshold: float | None = None, mask: str | None = None, compile_: bool = False) -> None:
     """Segment INPUT into OUTPUT (a new Zarr v3 array, or OME-Zarr for *.ome.zarr / --ome).
 
@@ -113,6 +117,9 @@ def segment(input_path: str, output_path: str, model: str, workers: int, gpus: i
       unetflow segment s3://bucket/raw.ome.zarr pred.ome.zarr --model unet.pt --level 1
       unetflow segment data.zarr/em/raw pred.zarr --model unet.pt --workers 2 --block-shape 256,256,256
       unetflow segment raw.zarr pred.zarr --model unet.pt --dry-run
+      unetflow segment raw.zarr pred.zarr --model unet.pt --config pipelines/configs/slurm.yaml
+      unetflow segment raw.zarr pred.zarr --model unet.pt --resume      # after a crash or a lost job
+      unetflow segment raw.zarr pred.zarr --model unet.pt --part 3/8    # one of 8 independent jobs
     """
     _setup_logging(verbose)
     from unetflow import run
@@ -130,18 +137,48 @@ def segment(input_path: str, output_path: str, model: str, workers: int, gpus: i
                           halo=_shape(halo, "halo"), allow_small_halo=allow_small_halo, mirror=mirror, batch_size=batch_size),
         output_settings=OutputSettings(kind=output_kind, dtype=dtype, chunk_shape=_shape(chunk_shape, "chunk shape"),
                                        shard_shape=_shape(shard_shape, "shard shape"), overwrite=overwrite, ome=ome),
-        cluster=cluster, device=device, amp=amp, dry_run=dry_run, level=level,
+        cluster=cluster, device=device, amp=amp, dry_run=dry_run, level=level, resume=resume, part=part,
         skip=SkipSpec(empty=skip_empty, threshold=skip_threshold, mask=mask), compile=compile_,
     )
+    if config_file:
+        config = _with_config_file(config, config_file)
     report = run.segment(config, progress=progress)
     if dry_run:
         _print_plan(report.summary)
         return
+    skipped = f", {report.blocks_skipped} already done" if getattr(report, "blocks_skipped", 0) else ""
     click.echo(
-        f"wrote {output_path}: {report.blocks_done} blocks, {report.voxels} voxels in {report.seconds:.1f}s "
-        f"({report.voxels_per_second:.3g} voxels/s)"
+        f"wrote {output_path}: {report.blocks_done} blocks{skipped}, {report.voxels} voxels in {report.seconds:.1f}s "
+        f"({report.voxels_per_second:.3g} voxels/s); report in {output_path}/.unetflow/"
     )
     click.echo(f"telemetry: {report.telemetry.get('verdict', '')}")
+
+
+# CLI parameter -> RunConfig setting it fills (dotted), for flags that override --config
+FLAG_SETTINGS = {
+    "block_shape": "tiling.block_shape", "patch_shape": "tiling.patch_shape", "blend": "tiling.blend",
+    "overlap": "tiling.overlap", "halo": "tiling.halo", "allow_small_halo": "tiling.allow_small_halo",
+    "mirror": "tiling.mirror", "batch_size": "tiling.batch_size", "output_kind": "output_settings.kind",
+    "dtype": "output_settings.dtype", "chunk_shape": "output_settings.chunk_shape", "shard_shape": "output_settings.shard_shape",
+    "overwrite": "output_settings.overwrite", "device": "device", "amp": "amp", "dry_run": "dry_run",
+    "resume": "resume", "part": "part",
+    "skip_empty": "skip.empty", "skip_threshold": "skip.threshold", "mask": "skip.mask", "compile_": "compile",
+}
+CLUSTER_FLAGS = ("workers", "gpus", "scheduler")
+
+
+def _with_config_file(flags: Any, path: str) -> Any:
+    """The YAML config at *path*, with every flag typed on the command line on top."""
+    from unetflow.config import apply_overrides, load_yaml, run_config_from_mapping
+
+    ctx = click.get_current_context()
+    typed = {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    base = run_config_from_mapping(load_yaml(path), input=flags.input, output=flags.output, model=flags.model)
+    overrides = {key: getattr(flags, key.split(".")[0]) if "." not in key else getattr(getattr(flags, key.split(".")[0]), key.split(".")[1])
+                 for name, key in FLAG_SETTINGS.items() if name in typed}
+    if typed & set(CLUSTER_FLAGS):
+        overrides["cluster"] = flags.cluster
+    return apply_overrides(base, overrides)
 
 
 def _print_plan(summary: dict[str, Any]) -> None:

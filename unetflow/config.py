@@ -147,7 +147,8 @@ def to_dict(obj: Any) -> Any:
 MIRRORS = ("reflect", "symmetric")
 OUTPUT_KINDS = ("probabilities", "labels", "instances")
 PROB_DTYPES = ("float32", "float16", "uint8")
-CLUSTER_KINDS = ("local", "inline", "address")
+CLUSTER_KINDS = ("local", "inline", "address", "slurm", "pbs", "lsf", "sge", "htcondor")
+JOBQUEUE_KINDS = ("slurm", "pbs", "lsf", "sge", "htcondor")
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,28 @@ class ClusterSpec:
     address: str | None = None
     threads: int = 0
     memory_limit: str = "auto"
+    # dask-jobqueue (slurm, pbs, lsf, sge, htcondor): one dask worker per job. Site
+    # settings (queue, account, modules) come from the user's config, never from here.
+    queue: str | None = None
+    account: str | None = None
+    cores: int = 1
+    memory: str = "4GB"
+    walltime: str | None = None
+    disk: str | None = None  # htcondor needs it
+    gpus_per_job: int = 0
+    job_extra_directives: tuple[str, ...] = ()
+    job_script_prologue: tuple[str, ...] = ()
+    jobs: int = 1
+    minimum_jobs: int = 0
+    maximum_jobs: int = 0
+    interface: str | None = None
+    log_directory: str | None = None
+    python: str | None = None
+    # every kind: worker resources such as {"GPU": 1}; blocks then ask for them, so
+    # each worker runs one block at a time and blocks spread over all workers
+    resources: tuple[tuple[str, float], ...] = ()
+    retries: int = 3
+    wait_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", choose(self.kind, CLUSTER_KINDS, what="cluster kind"))
@@ -216,6 +239,24 @@ class ClusterSpec:
             raise ConfigError(f"workers {self.workers} / gpus {self.gpus} must be >= 1 / >= 0")
         if self.kind == "address" and not self.address:
             raise ConfigError("cluster kind 'address' needs a scheduler address like tcp://host:8786; pass --scheduler")
+        if isinstance(self.resources, dict):
+            object.__setattr__(self, "resources", tuple(sorted((str(k), float(v)) for k, v in self.resources.items())))
+        for name in ("job_extra_directives", "job_script_prologue"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        if self.cores < 1 or self.jobs < 0 or self.retries < 0 or self.minimum_jobs < 0:
+            raise ConfigError(f"cluster cores {self.cores}, jobs {self.jobs}, retries {self.retries} must be >= 1, >= 0, >= 0")
+        if self.maximum_jobs and self.maximum_jobs < self.minimum_jobs:
+            raise ConfigError(f"maximum_jobs {self.maximum_jobs} is below minimum_jobs {self.minimum_jobs}; raise maximum_jobs")
+        if self.gpus_per_job > 1:
+            raise ConfigError(
+                f"gpus_per_job {self.gpus_per_job}: one worker process per job drives one GPU; "
+                "use gpus_per_job: 1 and more jobs (jobs: N)"
+            )
+
+    @property
+    def is_jobqueue(self) -> bool:
+        return self.kind in JOBQUEUE_KINDS
 
 
 @dataclass(frozen=True)
@@ -248,9 +289,106 @@ class RunConfig:
     skip: SkipSpec = field(default_factory=SkipSpec)
     compile: bool = False
     level: int | None = None  # resolution level of a multiscale input (OME-Zarr, pyramidal TIFF)
+    resume: bool = False
+    part: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.part is not None:
+            object.__setattr__(self, "part", parse_part(self.part))
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+
+def parse_part(value: Any) -> tuple[int, int]:
+    """``"3/8"`` or ``(3, 8)`` -> ``(3, 8)``: part 3 of 8, counted from 1.
+
+    >>> parse_part("3/8")
+    (3, 8)
+    """
+    try:
+        i, n = (int(v) for v in (value.split("/") if isinstance(value, str) else value))
+    except (ValueError, TypeError):
+        raise ConfigError(f"part '{value}' is not like 3/8; pass --part i/n with 1 <= i <= n") from None
+    if not 1 <= i <= n:
+        raise ConfigError(f"part {i}/{n} needs 1 <= i <= n; pass --part i/n, e.g. --part 1/{max(n, 1)}")
+    return i, n
+
+
+# YAML run configs: top-level keys and the RunConfig field each section fills
+SECTIONS = {"tiling": TilingSpec, "output": OutputSettings, "cluster": ClusterSpec}
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML config file into a dict; a clear error for a missing or bad file."""
+    import yaml  # pyyaml: light, but only needed when a config file is given
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping like 'cluster: {{kind: slurm}}', not {type(data).__name__}")
+    return data
+
+
+def _section(cls: type, data: Any, *, what: str) -> Any:
+    if isinstance(data, str) and cls is ClusterSpec:  # "cluster: local" shorthand
+        data = {"kind": data}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} must be a mapping of settings, not {data!r}")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    if cls is ClusterSpec and "address" in data and "kind" not in data:
+        data["kind"] = "address"
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        close = {u: difflib.get_close_matches(u, known, n=1) for u in unknown}
+        hints = ", ".join(f"'{u}'" + (f" (did you mean '{c[0]}'?)" if c else "") for u, c in close.items())
+        raise ConfigError(f"{what} has unknown settings {hints}; known: {', '.join(sorted(known))}")
+    for name in ("block_shape", "patch_shape", "halo", "chunk_shape", "shard_shape"):
+        if data.get(name) is not None:
+            data[name] = parse_shape(data[name], what=name.replace("_", " "))
+    return cls(**data)
+
+
+def run_config_from_mapping(data: dict[str, Any], **fields: Any) -> RunConfig:
+    """A :class:`RunConfig` from a YAML mapping plus *fields* (input, output, model...).
+
+    The mapping has sections ``tiling``, ``output`` and ``cluster`` (a mapping, or a
+    kind such as ``local``), and top-level ``device`` and ``amp``.
+    """
+    allowed = set(SECTIONS) | {"device", "amp", "resume", "part"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"config has unknown top-level keys {unknown}; known: {', '.join(sorted(allowed))}")
+    kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in ("device", "amp", "resume", "part")}
+    for key, cls in SECTIONS.items():
+        if key in data:
+            kwargs["output_settings" if key == "output" else key] = _section(cls, data[key], what=f"config section '{key}'")
+    kwargs.update(fields)
+    return RunConfig(**kwargs)
+
+
+def apply_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Replace settings named by dotted keys, e.g. ``{"tiling.block_shape": (64, 64)}``.
+
+    The CLI passes only the flags the user typed, so they win over the config file.
+    """
+    nested: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            top[head] = value
+    for head, values in nested.items():
+        top[head] = dataclasses.replace(getattr(config, head), **values)
+    return dataclasses.replace(config, **top)
 
 
 TARGET_KINDS = ("auto", "instances", "classes")

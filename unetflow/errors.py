@@ -47,3 +47,7 @@ def one_line(text: str) -> str:
     'a b'
     """
     return " ".join(str(text).split())
+
+
+class LockedError(UnetflowError, RuntimeError):
+    """Another run holds the output's lock (or a dead run left a stale one)."""

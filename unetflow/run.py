@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import math
 import os
@@ -19,9 +20,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 import unetflow
-from unetflow import schedule, store
+from unetflow import resume, schedule, store
 from unetflow.config import RunConfig, parse_shape, to_dict
-from unetflow.errors import ShapeError
+from unetflow.errors import BlockFailedError, ConfigError, OutputExistsError, ShapeError
 from unetflow.infer import BlockJob, BlockResult, CheckpointSource, NetInfo, OutputSpec, net_info, norm_stats, run_block
 from unetflow.plan import Plan, make_tiling
 
@@ -76,6 +77,9 @@ class RunReport:
     voxels: int = 0
     results: list[BlockResult] = field(default_factory=list)
     telemetry: dict[str, Any] = field(default_factory=dict)
+    blocks_skipped: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    workers: dict[str, Any] = field(default_factory=dict)
 
     @property
     def voxels_per_second(self) -> float:
@@ -205,10 +209,15 @@ def output_attributes(p: Prepared, stats: Sequence[Sequence[float]]) -> dict[str
 def segment(config: RunConfig, *, source: Any = None, progress: bool = True) -> RunReport:
     """Run a whole segmentation: check, plan, create the output, run every block, report.
 
+    With ``config.resume`` (or ``config.part``) an existing output made with the same
+    settings and model is finished: blocks with a done marker are skipped. The run
+    holds the output's lock throughout and writes ``<output>/.unetflow/report.json``.
+
     Raises
     ------
     UnetflowError
-        Bad input or settings (before anything is written), or failed blocks.
+        Bad input or settings (before anything is written), a locked output, or failed
+        blocks (after the others finished and the report was written).
     """
     p = prepare(config, source=source)
     report = RunReport(summary=p.summary())
@@ -216,31 +225,159 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True) -> 
         return report
     array = store.open_input(config.input, level=config.level)
     stats = norm_stats(store.sample_voxels(array, layout=p.layout), p.norm)
-    create_output_array(p, stats)
-    job = make_job(p, stats)
-    t0 = time.perf_counter()
-    with _executor(config) as dispatch, _progress(p.plan.n_blocks, enabled=progress) as bar:
-        def on_result(result: BlockResult) -> None:
-            report.results.append(result)
-            report.blocks_done += 1
-            report.voxels += result.voxels
-            bar.update(1)
-            bar.set_postfix_str(f"{report.voxels / max(time.perf_counter() - t0, 1e-9):.3g} vox/s")
-            log.info("block %d done: %d patches, %.2fs on %s (pid %d)", result.block_id, result.n_patches, result.seconds, result.device, result.pid)
+    if p.output.kind == "instances" and (config.resume or config.part):
+        raise ConfigError(
+            "--resume and --part are not supported with --output instances yet (labelling needs every block's "
+            "components in one run); run without them, or resume --output labels/probabilities"
+        )
+    ident = run_identity(p, stats)
+    run_dir = resume.RunDir(config.output)
+    with claim_output(p, stats, ident, run_dir) as lock:
+        block_ids = resume.part_blocks(p.plan.n_blocks, config.part)
+        done = run_dir.done_blocks()
+        todo = [b for b in block_ids if b not in done]
+        report.blocks_skipped = len(block_ids) - len(todo)
+        if report.blocks_skipped:
+            log.info("resuming: %d of %d blocks already done, %d to do", report.blocks_skipped, len(block_ids), len(todo))
+        job = make_job(p, stats)
+        t0 = time.perf_counter()
+        executor = _executor(config, log_directory=str(run_dir.log_dir)) if todo else contextlib.nullcontext(schedule.run_inline)
+        with executor as dispatch, _progress(len(todo), enabled=progress) as bar:
+            def on_result(outcome: Any) -> None:
+                result = outcome.result
+                report.results.append(result)
+                report.blocks_done += 1
+                report.voxels += result.voxels
+                report.workers.setdefault(outcome.worker, resume.Tally()).add(outcome, result.voxels, result.seconds)
+                bar.update(1)
+                bar.set_postfix_str(f"{report.voxels / max(time.perf_counter() - t0, 1e-9):.3g} vox/s")
+                log.info(json.dumps(block_log(p, result, outcome)))
 
-        block_ids = list(range(p.plan.n_blocks))
-        schedule.raise_failures(dispatch(run_block, job, block_ids, on_result=on_result), p.plan.n_blocks)
-        if p.output.kind == "instances":
-            label_instances(p, job, report.results, dispatch)
-    report.seconds = time.perf_counter() - t0
-    report.telemetry = telemetry_summary(report.results, report.seconds)
-    log.info("telemetry: %s", report.telemetry["verdict"])
-    if _ome(config):
-        from unetflow.formats import omezarr
+            fn = resume.MarkDone(run_block, str(run_dir.done_dir), lock.holder["token"])
+            failures = dispatch(fn, job, todo, on_result=on_result)
+            if p.output.kind == "instances" and not failures:
+                label_instances(p, job, report.results, dispatch)
+        report.seconds = time.perf_counter() - t0
+        report.telemetry = telemetry_summary(report.results, report.seconds)
+        log.info("telemetry: %s", report.telemetry["verdict"])
+        report.failures = [failure_entry(p, f) for f in failures]
+        finished = run_dir.path / "ome-finished"
+        if not failures and _ome(config) and len(run_dir.done_blocks()) >= p.plan.n_blocks and (report.blocks_done or not finished.exists()):
+            from unetflow.formats import omezarr  # the pyramid, once every block (of every part) is done
 
-        vox = getattr(array, "voxel_size", None)
-        omezarr.finish_output(config.output, kind=p.output.kind, voxel_size=vox, unit=getattr(array, "unit", None))
+            vox = getattr(array, "voxel_size", None)
+            omezarr.finish_output(config.output, kind=p.output.kind, voxel_size=vox, unit=getattr(array, "unit", None))
+            finished.touch()
+        resume.write_json(run_dir.report_file(config.part), report_dict(p, report, ident, len(block_ids)))
+    if failures:
+        raise BlockFailedError(failure_message(report.failures, len(block_ids), config.output))
     return report
+
+
+@contextlib.contextmanager
+def claim_output(p: Prepared, stats: Sequence[Sequence[float]], ident: dict[str, Any], run_dir: resume.RunDir) -> Iterator[resume.Lock]:
+    """Create the output (or join it: ``--resume``, ``--part``) and hold its lock.
+
+    A fresh output is created, then locked; an existing one is locked, then checked to
+    have been made with the same settings and model. A live run's lock is refused
+    (naming its host, pid and start), a dead run's stale lock is taken over on resume.
+    """
+    c = p.config
+    joining = c.resume or c.part is not None
+    exists = os.path.exists(c.output)
+    if exists and c.output_settings.overwrite:
+        resume.check_unlocked(run_dir, None, takeover=True)  # never delete under a live run
+    if exists and not c.output_settings.overwrite:
+        if not joining:
+            resume.check_unlocked(run_dir, c.part, takeover=False)
+            raise OutputExistsError(
+                f"output {c.output} already exists; pass --resume to finish it, --overwrite to replace it, or choose another path"
+            )
+        lock = resume.acquire(run_dir, c.part, takeover=True)
+        try:
+            resume.check_same_run(run_dir, ident)
+        except BaseException:
+            lock.release()
+            raise
+    else:
+        try:
+            create_output_array(p, stats)
+        except OutputExistsError:  # another --part job created it first
+            if not joining:
+                raise
+            _wait_for(run_dir.run_file)
+        else:
+            resume.record_run(run_dir, ident)
+        lock = resume.acquire(run_dir, c.part, takeover=c.resume)
+        resume.check_same_run(run_dir, ident)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def _wait_for(path: Any, seconds: float = 30.0) -> None:
+    t_end = time.monotonic() + seconds
+    while not os.path.exists(path) and time.monotonic() < t_end:
+        time.sleep(0.2)
+
+
+def run_identity(p: Prepared, stats: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """What must match for ``--resume`` to continue an output (see ``resume.identity``)."""
+    model = p.source.describe() if hasattr(p.source, "describe") else {"repr": repr(p.source)}
+    extra = {
+        "input": {"path": store.absolute_input(p.config.input), "shape": list(p.layout.spatial_shape), "channels": p.layout.channels},
+        "norm_stats": [[float(v) for v in s] for s in stats],
+        "output": to_dict(p.output),
+        "unetflow": unetflow.__version__,
+    }
+    return resume.identity(p.config.to_dict(), dict(model), extra)
+
+
+def _box(box: Any) -> dict[str, list[int]]:
+    return {"offset": list(box.offset), "shape": list(box.shape)}
+
+
+def block_log(p: Prepared, result: BlockResult, outcome: Any) -> dict[str, Any]:
+    """The structured log line of one finished block."""
+    block = p.plan.block(result.block_id)
+    return {
+        "event": "block_done", "block_id": result.block_id, "write_box": _box(block.write_box), "read_box": _box(block.read_box),
+        "patches": result.n_patches, "seconds": round(result.seconds, 4), "device": result.device, "worker": outcome.worker,
+    }
+
+
+def failure_entry(p: Prepared, failure: schedule.BlockFailure) -> dict[str, Any]:
+    block = p.plan.block(failure.block_id)
+    return {"block_id": failure.block_id, "write_box": _box(block.write_box), "read_box": _box(block.read_box), "error": failure.error}
+
+
+def failure_message(failures: Sequence[dict[str, Any]], total: int, output: str) -> str:
+    first = failures[0]
+    wb = first["write_box"]
+    return (
+        f"{len(failures)} of {total} blocks failed (ids {[f['block_id'] for f in failures][:10]}); first: block {first['block_id']} "
+        f"write box offset {wb['offset']} shape {wb['shape']}: {first['error']}; details in {output}/.unetflow/report.json; "
+        "fix the cause and rerun with --resume to redo only the failed blocks"
+    )
+
+
+def report_dict(p: Prepared, report: RunReport, ident: dict[str, Any], n_blocks: int) -> dict[str, Any]:
+    """The JSON report written next to the output."""
+    return {
+        "status": "failed" if report.failures else "complete",
+        "output": os.path.abspath(p.config.output),
+        "part": list(p.config.part) if p.config.part else None,
+        "fingerprint": resume.fingerprint(ident),
+        "blocks": {"total": n_blocks, "done": report.blocks_done, "skipped": report.blocks_skipped, "failed": len(report.failures)},
+        "seconds": round(report.seconds, 3),
+        "voxels": report.voxels,
+        "voxels_per_second": round(report.voxels_per_second, 1),
+        "workers": {name: tally.to_dict() for name, tally in sorted(report.workers.items())},
+        "failures": report.failures,
+        "plan": p.plan.summary(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def label_instances(p: Prepared, job: BlockJob, results: Sequence[BlockResult], dispatch: Any) -> int:
@@ -352,13 +489,20 @@ def telemetry_summary(results: Sequence[BlockResult], seconds: float) -> dict[st
 
 
 @contextlib.contextmanager
-def _executor(config: RunConfig) -> Iterator[Any]:
-    """A ``dispatch(fn, job, block_ids, on_result) -> failures`` bound to one cluster for the run."""
+def _executor(config: RunConfig, *, log_directory: str | None = None) -> Iterator[Any]:
+    """A ``dispatch(fn, job, block_ids, on_result) -> failures`` bound to one cluster for the run.
+
+    Blocks are retried ``cluster.retries`` times and ask for the workers' resources.
+    """
     if config.cluster.kind == "inline":
         yield schedule.run_inline
         return
-    with schedule.open_client(config.cluster) as client:
-        yield functools.partial(schedule.run_blocks, client)
+    spec = config.cluster
+    with schedule.open_client(spec, log_directory=log_directory) as client:
+        yield functools.partial(
+            schedule.run_blocks, client, max_in_flight=2 * schedule.expected_workers(spec), retries=spec.retries,
+            resources=schedule.worker_resources(spec),
+        )
 
 
 def _progress(total: int, *, enabled: bool) -> Any:

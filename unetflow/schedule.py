@@ -38,23 +38,138 @@ def cpu_threads_per_worker(spec: ClusterSpec) -> int:
 
 
 @contextlib.contextmanager
-def open_client(spec: ClusterSpec) -> Iterator[Any]:
+def open_client(spec: ClusterSpec, *, log_directory: str | None = None) -> Iterator[Any]:
     """A ``distributed.Client`` for *spec*; starts (and stops) a cluster when it is local.
 
     ``--gpus N`` starts one single-threaded worker per GPU with ``CUDA_VISIBLE_DEVICES``
     pinned to it (the dask-cuda recipe); ``--workers N`` starts N CPU worker processes.
+    ``slurm``, ``pbs``, ``lsf``, ``sge`` and ``htcondor`` start a dask-jobqueue cluster
+    whose workers are batch jobs (job logs go to *log_directory* unless the spec names one).
+    A worker lost mid-block (a cancelled job) has its blocks rerun elsewhere: the
+    scheduler allows ``spec.retries`` such losses per block.
     """
+    import dask
     from distributed import Client
 
+    settings = {"distributed.scheduler.allowed-failures": max(1, spec.retries)}
     if spec.kind == "address":
-        with Client(spec.address, timeout="30s") as client:
+        with dask.config.set(settings), Client(spec.address, timeout="30s") as client:
             yield client
         return
-    with worker_environ():
-        cluster = _gpu_cluster(spec) if spec.gpus else _cpu_cluster(spec)
-    with cluster, Client(cluster) as client:
-        client.wait_for_workers(spec.gpus or spec.workers, timeout=120)
-        yield client
+    with dask.config.set(settings), worker_environ():
+        if spec.is_jobqueue:
+            cluster = _jobqueue_cluster(spec, log_directory=log_directory)
+        else:
+            cluster = _gpu_cluster(spec) if spec.gpus else _cpu_cluster(spec)
+        with cluster, Client(cluster) as client:
+            wait = (1, spec.wait_timeout) if spec.is_jobqueue else (expected_workers(spec), 120)
+            client.wait_for_workers(wait[0], timeout=wait[1])
+            yield client
+
+
+def expected_workers(spec: ClusterSpec) -> int:
+    """How many workers *spec* asks for (jobqueue: one per job, at most the maximum)."""
+    if spec.is_jobqueue:
+        return max(1, spec.maximum_jobs or spec.jobs or spec.minimum_jobs)
+    return spec.gpus or spec.workers
+
+
+def worker_resources(spec: ClusterSpec) -> dict[str, float] | None:
+    """Resources every worker declares, which every block then asks for.
+
+    Declaring ``GPU=1`` on a worker does nothing by itself: tasks that do not ask for
+    it ignore it, and a multi-threaded worker then takes several blocks at once while
+    others idle. Asking for it caps each worker at one block and spreads the rest.
+    """
+    if spec.resources:
+        return dict(spec.resources)
+    if spec.gpus or spec.gpus_per_job:
+        return {"GPU": 1.0}
+    return None
+
+
+JOBQUEUE_CLASSES = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "lsf": "LSFCluster", "sge": "SGECluster", "htcondor": "HTCondorCluster"}
+
+
+def jobqueue_class(kind: str) -> Any:
+    """The dask-jobqueue cluster class for *kind*, imported without writing to $HOME.
+
+    dask-jobqueue copies its default ``jobqueue.yaml`` into ``~/.config/dask`` on
+    import; pointing ``dask.config.PATH`` at a temporary folder meanwhile keeps the
+    user's home untouched (site settings belong in unetflow configs).
+    """
+    import sys
+    import tempfile
+
+    import dask.config
+
+    if "dask_jobqueue" not in sys.modules:
+        saved = dask.config.PATH
+        with tempfile.TemporaryDirectory(prefix="unetflow-dask-config-") as tmp:
+            dask.config.PATH = tmp
+            try:
+                import dask_jobqueue  # noqa: F401
+            finally:
+                dask.config.PATH = saved
+    import dask_jobqueue
+
+    return getattr(dask_jobqueue, JOBQUEUE_CLASSES[kind])
+
+
+def jobqueue_options(spec: ClusterSpec, *, log_directory: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for the dask-jobqueue cluster class: one worker process per job."""
+    import sys
+
+    directives = list(spec.job_extra_directives)
+    if spec.gpus_per_job and spec.kind == "slurm":
+        directives.append(f"--gres=gpu:{spec.gpus_per_job}")
+    worker_args: list[str] = []
+    resources = worker_resources(spec)
+    if resources:
+        worker_args += ["--resources", ",".join(f"{k}={v:g}" for k, v in resources.items())]
+    if spec.kind == "htcondor":  # HTCondor takes submit-file lines "key = value" as a dict
+        directives = dict(tuple(part.strip() for part in d.split("=", 1)) for d in directives)  # type: ignore[assignment]
+    options: dict[str, Any] = {
+        "cores": spec.cores,
+        "processes": 1,
+        "memory": spec.memory,
+        "job_extra_directives": directives,
+        "job_script_prologue": list(spec.job_script_prologue),
+        "worker_extra_args": worker_args,
+        "python": spec.python or sys.executable,
+        "log_directory": spec.log_directory or log_directory,
+        "scheduler_options": {"dashboard_address": ":0"},
+    }
+    if spec.queue and spec.kind != "htcondor":
+        options["queue"] = spec.queue
+    if spec.account:  # each scheduler names the account differently
+        if spec.kind in ("slurm", "pbs"):
+            options["account"] = spec.account
+        elif spec.kind == "lsf":
+            options["project"] = spec.account
+        elif spec.kind == "sge":
+            options["job_extra_directives"] = directives + [f"-A {spec.account}"]
+    if spec.walltime:
+        options["walltime"] = spec.walltime
+    if spec.disk:
+        options["disk"] = spec.disk
+    if spec.interface:
+        options["interface"] = spec.interface
+    return options
+
+
+def _jobqueue_cluster(spec: ClusterSpec, *, log_directory: str | None = None) -> Any:
+    cls = jobqueue_class(spec.kind)
+    options = jobqueue_options(spec, log_directory=log_directory)
+    if options["log_directory"]:
+        os.makedirs(options["log_directory"], exist_ok=True)
+    cluster = cls(**options)
+    log.info("%s job script:\n%s", spec.kind, cluster.job_script())
+    # adapt keeps the job count: a lost job (scancel, walltime) is replaced
+    low = spec.minimum_jobs if spec.maximum_jobs else spec.jobs
+    high = spec.maximum_jobs or spec.jobs
+    cluster.adapt(minimum_jobs=low, maximum_jobs=high, interval="1s")
+    return cluster
 
 
 @contextlib.contextmanager
@@ -76,9 +191,11 @@ def worker_environ() -> Iterator[None]:
 def _cpu_cluster(spec: ClusterSpec) -> Any:
     from distributed import LocalCluster
 
+    extra = {"resources": dict(spec.resources)} if spec.resources else {}
     return LocalCluster(
+        **extra,
         n_workers=spec.workers,
-        threads_per_worker=1,
+        threads_per_worker=max(1, spec.threads) if spec.resources else 1,
         processes=True,
         memory_limit=spec.memory_limit,
         dashboard_address=":0",  # a free port: never collide with another cluster on 8787
@@ -113,22 +230,32 @@ def run_blocks(
     *,
     on_result: Callable[[Any], None],
     max_in_flight: int | None = None,
+    retries: int = 0,
+    resources: dict[str, float] | None = None,
 ) -> list[BlockFailure]:
     """Run ``fn(job, block_id)`` for every id on *client*; return the failures.
 
     A :class:`UnetflowError` (bad input found while reading, say) stops the run at
-    once and is raised: it would fail every block alike.
+    once and is raised: it would fail every block alike. Any other error of a block
+    is retried *retries* times, then recorded; the other blocks go on. *resources*
+    (``{"GPU": 1}``) must match what the workers declare (see :func:`worker_resources`).
     """
     from distributed import as_completed
 
     n_workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
     limit = max_in_flight or 2 * n_workers
-    job_ref = client.scatter(job, broadcast=True)
+    # The job (a few kB) travels with each task rather than being scattered: scattered
+    # data lives on the workers present at that moment, and losing them (a cancelled
+    # batch job) would cancel every block that depends on it ("lost dependencies").
+    job_ref = job
     pending = iter(block_ids)
     failures: list[BlockFailure] = []
 
     def submit(block_id: int) -> Any:
-        return client.submit(fn, job_ref, block_id, key=f"unetflow-block-{block_id}-{time.monotonic_ns()}", pure=False)
+        return client.submit(
+            fn, job_ref, block_id, key=f"unetflow-block-{block_id}-{time.monotonic_ns()}", pure=False,
+            retries=retries or None, resources=resources,
+        )
 
     futures = as_completed([submit(b) for _, b in zip(range(limit), pending)], with_results=False)
     for future in futures:
@@ -150,10 +277,23 @@ def run_blocks(
 
 
 def run_inline(fn: Callable[[Any, int], Any], job: Any, block_ids: Sequence[int], *, on_result: Callable[[Any], None]) -> list[BlockFailure]:
-    """Run blocks one after another in this process (``cluster: inline``)."""
+    """Run blocks one after another in this process (``cluster: inline``).
+
+    As in :func:`run_blocks`, a block's own error is recorded and the others go on;
+    a :class:`UnetflowError` stops the run.
+    """
+    failures: list[BlockFailure] = []
     for block_id in block_ids:
-        on_result(fn(job, block_id))
-    return []
+        try:
+            result = fn(job, block_id)
+        except UnetflowError:
+            raise
+        except Exception as err:  # recorded and reported; the other blocks go on
+            failures.append(BlockFailure(block_id, f"{type(err).__name__}: {err}"))
+            log.error("block %d failed: %s: %s", block_id, type(err).__name__, err)
+            continue
+        on_result(result)
+    return failures
 
 
 def raise_failures(failures: Sequence[BlockFailure], total: int) -> None:

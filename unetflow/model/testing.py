@@ -3,10 +3,15 @@
 ``ScaleNet(factor, margin)`` returns ``factor * input``, cropped by ``margin`` on every
 side when ``margin > 0`` (so it tiles like a ``valid`` net). Any correct tiling,
 blending or stitching of it must reproduce ``factor * image`` exactly.
+
+Two test knobs make runs slow or broken on purpose: ``delay`` sleeps that many
+seconds per forward pass (to kill or cancel a run midway), and ``fail_above`` raises
+in any forward pass that sees an input value above it (a block that always fails).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +41,11 @@ class FixedGeometry:
 class ScaleNet(nn.Module):
     """``factor * x``, centre-cropped by ``margin``: an exact oracle for stitching."""
 
-    def __init__(self, *, factor: float = 1.0, margin: int = 0, dims: int = 3, channels: int = 1, multiple: int = 1):
+    def __init__(self, *, factor: float = 1.0, margin: int = 0, dims: int = 3, channels: int = 1, multiple: int = 1,
+                 delay: float = 0.0, fail_above: float | None = None):
         super().__init__()
+        self.delay = float(delay)
+        self.fail_above = fail_above
         self.factor = float(factor)
         self.dims = dims
         self.in_channels = channels
@@ -47,6 +55,10 @@ class ScaleNet(nn.Module):
         self.activation = "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail_above is not None and bool((x > self.fail_above).any()):
+            raise RuntimeError(f"ScaleNet: input value above {self.fail_above} (a planted failure)")
         m = self.geometry.margin
         if m:
             x = x[(slice(None), slice(None)) + (slice(m, -m),) * self.dims]
@@ -62,9 +74,13 @@ class ScaleNetSource:
     dims: int = 3
     channels: int = 1
     multiple: int = 1
+    delay: float = 0.0
+    fail_above: float | None = None
 
     def load(self) -> ScaleNet:
-        return ScaleNet(factor=self.factor, margin=self.margin, dims=self.dims, channels=self.channels, multiple=self.multiple)
+        return ScaleNet(factor=self.factor, margin=self.margin, dims=self.dims, channels=self.channels, multiple=self.multiple,
+                        delay=self.delay, fail_above=self.fail_above)
 
     def describe(self) -> dict[str, object]:
+        # delay and fail_above do not change what a successful block writes
         return {"kind": "scale-net", "factor": self.factor, "margin": self.margin, "dims": self.dims}
