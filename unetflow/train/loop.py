@@ -151,7 +151,7 @@ def _train_epoch(net: UNet, optimizer: torch.optim.Optimizer, pairs: list[Pair],
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += float(loss)
+        total += loss.detach().item()
         bar.set_postfix(loss=f"{total / (step + 1):.4f}")
     return total / spec.steps_per_epoch
 
