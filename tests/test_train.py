@@ -83,3 +83,11 @@ def test_train_refuses_mismatched_labels(tmp_path, sample2d):
     bad = write_zarr(tmp_path / "bad.zarr", np.zeros((10, 10), "u2"))
     with pytest.raises(ShapeError, match="labels"):
         train(spec(sample2d, tmp_path / "m.pt", pairs=((f"{sample2d}/raw", bad),)), progress=False)
+
+
+def test_demo_runs_at_a_tiny_size(tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo"), "--shape", "16,48,48", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "object_f1" in result.output and "foreground_iou" in result.output
+    png = tmp_path / "demo" / "preview.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
