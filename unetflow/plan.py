@@ -231,7 +231,6 @@ class Plan:
 
     def max_read_shape(self) -> Shape:
         """The largest read box shape over all blocks, per axis."""
-        t = self.tiling
         out = []
         for a, g in enumerate(self.grid):
             out.append(max(self._span(a, p) for p in range(g)))

@@ -14,7 +14,6 @@ that is not a local Zarr array; it returns a lazily sliceable array (a
 
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 from unetflow.errors import InputFormatError
@@ -55,6 +54,3 @@ def _no_level(path: Any, level: int | None) -> None:
     if level not in (None, 0):
         raise InputFormatError(f"input {path} has one resolution level, not level {level}; leave out --level")
 
-
-def is_local(path: str) -> bool:
-    return os.path.exists(path)

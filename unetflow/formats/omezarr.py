@@ -21,7 +21,6 @@ of its own, so the root holds only the ``labels`` group (open
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 from pathlib import Path

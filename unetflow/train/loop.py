@@ -8,7 +8,6 @@ continues exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field, replace
