@@ -106,3 +106,16 @@ def test_telemetry_fields(tmp_path):
     t = report.telemetry
     assert set(t["seconds"]) == {"read", "compute", "write", "wait", "wall"}
     assert t["peak_rss_per_worker_mb"] and "busy" in t["verdict"]
+
+
+def test_local_workers_start_with_unetflow_malloc_settings():
+    """Workers get GLIBC_TUNABLES (flat peak memory, huge pages) and not distributed's
+    MALLOC_TRIM_THRESHOLD_."""
+    import os
+
+    from unetflow import schedule
+
+    expected = os.environ.get("GLIBC_TUNABLES") or schedule.WORKER_MALLOC_TUNABLES
+    with schedule.open_client(ClusterSpec(kind="local", workers=1)) as client:
+        env = next(iter(client.run(lambda: {k: os.environ.get(k) for k in ("GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_")}).values()))
+    assert env == {"GLIBC_TUNABLES": expected, "MALLOC_TRIM_THRESHOLD_": None}

@@ -207,6 +207,7 @@ def test_example_configs_load_and_make_job_scripts(tmp_path, name):
         cls = schedule.jobqueue_class(cfg.cluster.kind)
         script = cls(**schedule.jobqueue_options(cfg.cluster, log_directory=str(tmp_path))).job_script()
         assert "distributed.cli.dask_worker" in script
+        assert "export GLIBC_TUNABLES=" in script and schedule.WORKER_MALLOC_TUNABLES in script
 
 
 def test_jobqueue_import_writes_nothing_to_home(tmp_path):

@@ -83,3 +83,14 @@ def test_sample_voxels_is_bounded(tmp_path):
     arr = store.open_input(write_zarr(tmp_path / "a.zarr", data, chunks=(4, 4)))
     sample = store.sample_voxels(arr, layout=store.layout_for(arr, 2, name="a"), max_chunks=10)
     assert sample.shape == (1, 160)
+
+
+def test_sample_voxels_thins_large_chunks(tmp_path):
+    data = np.arange(64 * 64, dtype="u2").reshape(64, 64)
+    arr = store.open_input(write_zarr(tmp_path / "a.zarr", data, chunks=(32, 32)))
+    layout = store.layout_for(arr, 2, name="a")
+    sample = store.sample_voxels(arr, layout=layout, max_voxels=1000)
+    assert sample.shape[1] <= 1000
+    first = data[:32, :32].ravel()
+    assert np.array_equal(sample[0, : len(first[::5])], first[::5])  # 4 chunks x 1024 voxels / 1000 -> stride 5
+    assert store.sample_voxels(arr, layout=layout).shape == (1, 64 * 64)  # under the budget: every voxel

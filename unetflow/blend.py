@@ -104,37 +104,71 @@ def tile_weights(tile_shape: Sequence[int], kind: str) -> np.ndarray:
     return window(tuple(int(s) for s in tile_shape), kind)
 
 
-def extend_front_axis(acc: Accumulator, stop: int) -> Accumulator:
-    """A copy of *acc* whose write box reaches *stop* along axis 0 (new voxels empty).
+class PlaneWindow:
+    """A sliding run of axis-0 planes of one write box, in one buffer allocated once.
 
-    Used by the streamed block loop (:func:`unetflow.infer.predict_block_streamed`):
-    the accumulator only ever holds the planes that patches still touch.
+    The streamed block loop (:func:`unetflow.infer.predict_block_streamed`) holds only
+    the planes that open patches still touch: :meth:`extend` opens planes at the end,
+    :meth:`pop` finishes planes at the front. The buffer never changes size (planes
+    shift down in place, one plane at a time), so a worker's allocator sees the same
+    few sizes block after block and its peak memory does not creep up with the
+    number of blocks (issue 3).
+
+    *capacity* planes must cover the widest run held at once (tile + flush unit).
     """
-    box = acc.write_box
-    if stop <= box.stop[0]:
-        return acc
-    grown = Accumulator(Box(box.offset, (stop - box.offset[0], *box.shape[1:])), acc.values.shape[0], weighted=acc.weighted)
-    n = box.shape[0]
-    grown.values[:, :n] = acc.values
-    if acc.weighted:
-        grown.weights[:n] = acc.weights
-    else:
-        grown.hits[:n] = acc.hits
-    return grown
 
+    def __init__(self, write_box: Box, channels: int, *, weighted: bool, capacity: int) -> None:
+        self.write_box = write_box
+        cap = max(1, min(int(capacity), write_box.shape[0]))
+        self._buf = Accumulator(Box(write_box.offset, (cap, *write_box.shape[1:])), channels, weighted=weighted)
+        self.start = self.stop = write_box.offset[0]
 
-def pop_front(acc: Accumulator, n: int) -> tuple[np.ndarray, Accumulator]:
-    """Finish the first *n* planes (axis 0) of *acc*: their result and the rest, still open.
+    @property
+    def acc(self) -> Accumulator:
+        """An :class:`Accumulator` over the planes held now (views into the buffer)."""
+        return self._view(self.stop - self.start)
 
-    The caller guarantees no later patch touches those planes (patches come in the
-    global order, axis 0 outermost).
-    """
-    box = acc.write_box
-    head = Accumulator(Box(box.offset, (n, *box.shape[1:])), acc.values.shape[0], weighted=acc.weighted)
-    rest = Accumulator(Box((box.offset[0] + n, *box.offset[1:]), (box.shape[0] - n, *box.shape[1:])), acc.values.shape[0], weighted=acc.weighted)
-    head.values, rest.values = acc.values[:, :n], acc.values[:, n:].copy()
-    if acc.weighted:
-        head.weights, rest.weights = acc.weights[:n], acc.weights[n:].copy()
-    else:
-        head.hits, rest.hits = acc.hits[:n], acc.hits[n:].copy()
-    return head.result(), rest
+    def _view(self, n: int) -> Accumulator:
+        b = self._buf
+        view = Accumulator.__new__(Accumulator)
+        view.write_box = Box((self.start, *self.write_box.offset[1:]), (n, *self.write_box.shape[1:]))
+        view.weighted = b.weighted
+        view.values = b.values[:, :n]
+        view.weights = None if b.weights is None else b.weights[:n]
+        view.hits = None if b.hits is None else b.hits[:n]
+        return view
+
+    def extend(self, stop: int) -> None:
+        """Hold planes up to *stop* (clipped to the write box); new planes are empty."""
+        stop = min(stop, self.write_box.stop[0])
+        if stop - self.start > self._buf.write_box.shape[0]:
+            raise RuntimeError(f"plane window of {self._buf.write_box.shape[0]} planes cannot hold {self.start}..{stop}")
+        self.stop = max(self.stop, stop)
+
+    def pop(self, n: int) -> np.ndarray:
+        """Finish the first *n* held planes: their result (a new array), then forget them.
+
+        The caller guarantees no later patch touches those planes (patches come in the
+        global order, axis 0 outermost).
+        """
+        held = self.stop - self.start
+        out = self._view(n).result()
+        if np.shares_memory(out, self._buf.values):  # tile/crop modes return the sums themselves
+            out = out.copy()
+        self._shift(n, held)
+        self.start += n
+        return out
+
+    def _shift(self, n: int, held: int) -> None:
+        b = self._buf
+        for i in range(held - n):  # plane by plane: source and target never overlap
+            b.values[:, i] = b.values[:, n + i]
+            if b.weights is not None:
+                b.weights[i] = b.weights[n + i]
+            else:
+                b.hits[i] = b.hits[n + i]
+        b.values[:, held - n : held] = 0
+        if b.weights is not None:
+            b.weights[held - n : held] = 0
+        else:
+            b.hits[held - n : held] = 0

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from unetflow import store
-from unetflow.blend import Accumulator, extend_front_axis, pop_front, tile_weights
+from unetflow.blend import Accumulator, PlaneWindow, tile_weights
 from unetflow.config import NormSpec
 from unetflow.errors import ConfigError
 from unetflow.geometry import Box
@@ -482,7 +482,8 @@ def predict_block_streamed(job: BlockJob, block: Block, predictor: Predictor, te
     reader, writer = _pool("read"), _pool("write")
     pending_read = reader.submit(_read, job, _row_read_box(job, block, rows[0][0]), tel)
     writes: collections.deque[Future[None]] = collections.deque()
-    acc = Accumulator(Box(w.offset, (0, *w.shape[1:])), predictor.info.classes, weighted=weighted)
+    unit = job.flush_planes or w.shape[0]
+    held = PlaneWindow(w, predictor.info.classes, weighted=weighted, capacity=tiling.tile[0] + unit)
     for i, (s0, starts) in enumerate(rows):
         t0 = time.perf_counter()
         image = pending_read.result()
@@ -491,7 +492,8 @@ def predict_block_streamed(job: BlockJob, block: Block, predictor: Predictor, te
         if nxt is not None:
             pending_read = reader.submit(_read, job, _row_read_box(job, block, nxt), tel)
         row_box = _row_read_box(job, block, s0)
-        acc = extend_front_axis(acc, min(w.stop[0], s0 + tiling.tile[0]))
+        held.extend(s0 + tiling.tile[0])
+        acc = held.acc
         t1 = time.perf_counter()
         for k in range(0, len(starts), batch_size):
             chunk = starts[k : k + batch_size]
@@ -501,10 +503,10 @@ def predict_block_streamed(job: BlockJob, block: Block, predictor: Predictor, te
                 acc.add(pred[keep], Box(start, tiling.tile), weights)
         tel.compute += time.perf_counter() - t1
         done = _flush_to(job, w, nxt)
-        n = done - acc.write_box.offset[0]
+        n = done - held.start
         if n > 0:
-            box = Box(acc.write_box.offset, (n, *w.shape[1:]))
-            values, acc = pop_front(acc, n)
+            box = Box((held.start, *w.offset[1:]), (n, *w.shape[1:]))
+            values = held.pop(n)
             t2 = time.perf_counter()
             while len(writes) >= MAX_PENDING_WRITES:  # bounded queue: memory stays flat if writes are slow
                 writes.popleft().result()

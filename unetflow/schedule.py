@@ -134,7 +134,7 @@ def jobqueue_options(spec: ClusterSpec, *, log_directory: str | None = None) -> 
         "processes": 1,
         "memory": spec.memory,
         "job_extra_directives": directives,
-        "job_script_prologue": list(spec.job_script_prologue),
+        "job_script_prologue": [f"export {k}={v!r}" for k, v in worker_env().items()] + list(spec.job_script_prologue),
         "worker_extra_args": worker_args,
         "python": spec.python or sys.executable,
         "log_directory": spec.log_directory or log_directory,
@@ -172,18 +172,32 @@ def _jobqueue_cluster(spec: ClusterSpec, *, log_directory: str | None = None) ->
     return cluster
 
 
+# glibc malloc settings for worker processes (read by glibc at process start). Arrays of
+# 4 MiB and more (activations, rows of patches, accumulator planes) get their own
+# mappings, returned to the OS when freed, so the heap does not fragment block after
+# block and a worker's peak memory stays flat however many blocks it runs; those
+# mappings use transparent huge pages (madvise), which also makes the model's large
+# buffers cheaper to fault in (measured in BENCHMARKS.md). A GLIBC_TUNABLES that the
+# user set wins; glibc < 2.35 ignores the hugetlb tunable.
+WORKER_MALLOC_TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4194304"
+
+
+def worker_env() -> dict[str, str]:
+    """Environment variables unetflow sets for the worker processes it starts."""
+    return {"GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES") or WORKER_MALLOC_TUNABLES}
+
+
 @contextlib.contextmanager
 def worker_environ() -> Iterator[None]:
-    """Start workers without distributed's ``MALLOC_TRIM_THRESHOLD_``.
-
-    Setting it turns off glibc's dynamic mmap threshold, so every activation tensor
-    torch frees is unmapped and the next one page-faults afresh: the model ran 1.7x
-    slower in a worker than in-process on the benchmark machine (issue 6).
+    """Start workers with :data:`WORKER_MALLOC_TUNABLES` and without distributed's
+    ``MALLOC_TRIM_THRESHOLD_`` (which, on its own, turns off glibc's dynamic mmap
+    threshold so that every activation tensor is unmapped and faulted in afresh).
     """
     import dask
 
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    environ.update(worker_env())
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
         yield
 

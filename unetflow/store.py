@@ -138,21 +138,25 @@ def read_box(array: zarr.Array, box: Box, *, layout: Layout, mode: str = "reflec
     return data[np.ix_(range(data.shape[0]), *[i - a for i, a in zip(index, lo)])]
 
 
-def sample_voxels(array: zarr.Array, *, layout: Layout, max_chunks: int = 64) -> np.ndarray:
+def sample_voxels(array: zarr.Array, *, layout: Layout, max_chunks: int = 64, max_voxels: int = 2**22) -> np.ndarray:
     """Values from at most *max_chunks* evenly spread chunks, ndarray of shape (C, N).
 
-    Used for intensity statistics without reading the whole image. Deterministic.
+    Used for intensity statistics without reading the whole image. Each chunk is read
+    whole (the unit of I/O) and thinned by a fixed stride so that N <= *max_voxels*
+    per channel: memory stays a few chunks however large the chunks or the image are.
+    Deterministic.
     """
     chunks = array.chunks[1:] if layout.has_channel else array.chunks
     grid = [math.ceil(n / c) for n, c in zip(layout.spatial_shape, chunks)]
     total = math.prod(grid)
     picks = sorted(set(np.linspace(0, total - 1, num=min(total, max_chunks)).round().astype(int).tolist()))
+    stride = max(1, math.ceil(len(picks) * math.prod(chunks) / max_voxels))
     parts = []
     for flat in picks:
         pos = np.unravel_index(flat, grid)
         box = Box(tuple(int(p) * c for p, c in zip(pos, chunks)), tuple(chunks))
         box = box.intersect(Box((0,) * len(grid), layout.spatial_shape))
-        parts.append(read_box(array, box, layout=layout).reshape(layout.channels, -1))
+        parts.append(read_box(array, box, layout=layout).reshape(layout.channels, -1)[:, ::stride].copy())
     return np.concatenate(parts, axis=1)
 
 
