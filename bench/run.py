@@ -29,6 +29,9 @@ sys.path.insert(0, str(ROOT))
 from bench.methods import METHODS, Case  # noqa: E402
 
 
+FLOORS = ("floor", "floor_lanes", "floor_lanes_malloc")
+
+
 def make_input(path: str, shape: tuple[int, ...], chunk: int, seed: int = 0) -> None:
     """A uint16 volume with smooth structure plus noise (compresses like microscopy, roughly)."""
     import numpy as np
@@ -83,10 +86,19 @@ class GpuSampler:
         return sum(self.samples) / len(self.samples) if self.samples else None
 
 
-def run_one(method: str, case: Case, *, gpu: bool) -> dict[str, Any]:
-    """Run *method* in a child process; return its JSON result."""
+def run_one(method: str, case: Case, *, gpu: bool, malloc: bool = False) -> dict[str, Any]:
+    """Run *method* in a child process; return its JSON result.
+
+    *malloc*: start the child with the glibc settings unetflow gives its workers
+    (``schedule.WORKER_MALLOC_TUNABLES``), so the anchors can be measured with them too.
+    """
+    from unetflow.schedule import WORKER_MALLOC_TUNABLES
+
     spec = json.dumps(dataclasses.asdict(case))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.pop("GLIBC_TUNABLES", None)
+    if malloc:
+        env["GLIBC_TUNABLES"] = WORKER_MALLOC_TUNABLES
     load = os.getloadavg()[0]
     with GpuSampler(gpu) as sampler:
         proc = subprocess.run([sys.executable, __file__, "_one", method, spec], capture_output=True, text=True, env=env)
@@ -95,7 +107,8 @@ def run_one(method: str, case: Case, *, gpu: bool) -> dict[str, Any]:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["gpu_util"] = sampler.mean
     result["load_before"] = load
-    print(f"  {method:22s} {result['seconds']:8.2f}s  peak {result['peak_rss'] / 2**20:7.0f} MB", flush=True)
+    result["malloc"] = malloc
+    print(f"  {method:22s} {'(malloc) ' if malloc else ''}{result['seconds']:8.2f}s  peak {result['peak_rss'] / 2**20:7.0f} MB", flush=True)
     return result
 
 
@@ -154,6 +167,9 @@ def compare_table(results: dict[str, dict[str, Any]], floor_s: float, workers: i
     notes = {
         "floor": lambda r: f"{r['patches']} patches of the global grid, batch {r['batch_size']}, {r.get('threads') or 'default'} torch thread(s), data in memory",
         "floor_lanes": lambda r: f"the same, {r['lanes']} patches side by side, 1 torch thread each",
+        "floor_lanes_malloc": lambda r: "floor, lanes, started with unetflow's worker malloc settings",
+        "monai_malloc": lambda r: "monai, started with unetflow's worker malloc settings" + _util(r),
+        "map_overlap_malloc": lambda r: "map_overlap, started with unetflow's worker malloc settings" + _util(r),
         "monai": lambda r: "sliding_window_inference, gaussian, Zarr in and out" + _util(r),
         "map_overlap": lambda r: "equal settings: 48^3 chunks + 8 halo = one 64^3 patch per call, no blending, dask threads" + _util(r),
         "map_overlap_z64": lambda r: "the Zarr's 64^3 chunks + 16 halo = 96^3 per call, no blending, dask threads" + _util(r),
@@ -161,7 +177,8 @@ def compare_table(results: dict[str, dict[str, Any]], floor_s: float, workers: i
         "unetflow_inline": lambda r: _uf_note(r),
         f"unetflow_{workers}": lambda r: _uf_note(r),
     }
-    labels = {"floor_lanes": "floor, lanes", "unetflow_inline": "unetflow, --workers 0 (in process)", "unetflow_1": "unetflow, 1 worker (default)", f"unetflow_{workers}": f"unetflow, {workers} workers"}
+    labels = {"floor_lanes": "floor, lanes", "floor_lanes_malloc": "floor, lanes, malloc", "monai_malloc": "monai, malloc",
+              "map_overlap_malloc": "map_overlap, malloc", "unetflow_inline": "unetflow, --workers 0 (in process)", "unetflow_1": "unetflow, 1 worker (default)", f"unetflow_{workers}": f"unetflow, {workers} workers"}
     for key, r in results.items():
         rows.append(
             f"| {labels.get(key, key)} | {r['seconds']:.2f} | {r['voxels'] / r['seconds']:.3g} | {r['seconds'] / floor_s:.2f} "
@@ -221,8 +238,11 @@ def main(argv: list[str] | None = None) -> None:
     compare["floor"] = run_one("floor", dataclasses.replace(case(s, "floor"), threads=threads), gpu=gpu)
     if not gpu and threads > 1:  # unetflow's CPU lanes: patches side by side, one torch thread each
         compare["floor_lanes"] = run_one("floor", dataclasses.replace(case(s, "floor"), lanes=threads, batch_size=1), gpu=gpu)
+        compare["floor_lanes_malloc"] = run_one("floor", dataclasses.replace(case(s, "floor"), lanes=threads, batch_size=1), gpu=gpu, malloc=True)
     for method in ("monai", "map_overlap", "map_overlap_z64"):
         compare[method] = run_one(method, case(s, method), gpu=gpu)
+    for method in ("monai", "map_overlap"):  # the anchors with the same allocator settings as unetflow's workers
+        compare[f"{method}_malloc"] = run_one(method, case(s, method), gpu=gpu, malloc=True)
     if not gpu:
         compare["unetflow_inline"] = run_one("unetflow", dataclasses.replace(case(s, "ufi"), inline=True, threads=threads), gpu=gpu)
     compare["unetflow_1"] = run_one("unetflow", case(s, "uf1"), gpu=gpu)
@@ -233,9 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     for scale in scales:
         print(f"growth {scale}x: {(base_z * scale, plane, plane)}", flush=True)
         if scale == s:
-            f = min((compare[k] for k in ("floor", "floor_lanes") if k in compare), key=lambda r: r["seconds"])
+            f = min((compare[k] for k in FLOORS if k in compare), key=lambda r: r["seconds"])
         else:
-            f = run_one("floor", dataclasses.replace(case(scale, "floor"), lanes=threads if threads > 1 else 0, batch_size=1), gpu=gpu)
+            f = run_one("floor", dataclasses.replace(case(scale, "floor"), lanes=threads if threads > 1 else 0, batch_size=1), gpu=gpu, malloc=True)
         u = compare["unetflow_1"] if scale == s else run_one("unetflow", case(scale, "uf1"), gpu=gpu)
         growth.append((scale, (base_z * scale, plane, plane), f, u))
 
@@ -247,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_report(path: Path, compare: dict[str, Any], growth: list[Any], *, gpu: bool, command: str, workers: int,
                  shape: tuple[int, ...], width: int) -> None:
-    floor_s = min(compare[k]["seconds"] for k in ("floor", "floor_lanes") if k in compare)  # the faster one is the floor
+    floor_s = min(compare[k]["seconds"] for k in FLOORS if k in compare)  # the fastest one is the floor
     section = "GPU" if gpu else "CPU"
     lines = [
         f"## {section}: {time.strftime('%Y-%m-%d')}",
