@@ -17,7 +17,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -154,7 +154,7 @@ class Predictor:
         self.amp = amp
         # CPU: *lanes* patches run side by side, one torch thread each (see get_predictor)
         self.lanes = max(1, lanes) if device.type == "cpu" else 1
-        self._lane_pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="unetflow-lane") if self.lanes > 1 else None
+        self._lane_pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="unetflow-lane")
         self.net = net.to(device).eval()
         self._pinned: torch.Tensor | None = None
         self.memory_format = torch.preserve_format
@@ -178,10 +178,15 @@ class Predictor:
 
         On CPU with several lanes the batch is split across them (torch releases the GIL).
         """
-        if self._lane_pool is None or len(batch) < 2:
+        if self.lanes < 2 or len(batch) < 2:
             return self._predict(batch)
         parts = np.array_split(batch, min(self.lanes, len(batch)))
         return np.concatenate(list(self._lane_pool.map(self._predict, parts)))
+
+    def submit(self, batch: np.ndarray) -> Future[np.ndarray]:
+        """Start one forward pass of *batch* on a free lane (the device's own thread on a
+        GPU); the caller keeps ``2 * lanes`` in flight so that no lane waits for it."""
+        return self._lane_pool.submit(self._predict, batch)
 
     @torch.inference_mode()
     def _predict(self, batch: np.ndarray) -> np.ndarray:
@@ -466,56 +471,90 @@ def predict_block_streamed(job: BlockJob, block: Block, predictor: Predictor, te
 
     Same sums in the same global order as :func:`predict_block`, so the same bytes;
     but only the planes that open patches still touch are held (memory does not grow
-    with the block's first axis), and reading, computing and writing overlap:
+    with the block's first axis), and reading, computing, blending and writing overlap:
 
-        reader:  read r1   read r2   read r3
-        model:   .......   row r1    row r2    row r3
-        writer:            .......   planes<r2 planes<r3 ...
+        reader:  read r1   read r2          read r3
+        lanes:   .......   patches of r1, r2, r3, ... back to back (2 per lane in flight)
+        this:              blend in order; at each row's end hand its final planes to
+        writer:                                 convert, compress, write
+
+    The lanes never wait for a row to end, for blending or for I/O: a row whose patch
+    count is not a multiple of the lanes does not leave a lane idle.
     """
     tiling = job.plan.tiling
     weighted = tiling.mode == "blend"
     weights = tile_weights(tiling.tile, tiling.window) if weighted else None
     keep = (slice(None),) + tuple(slice(o, o + t) for o, t in zip(tiling.out_offset, tiling.tile))
     batch_size = auto_batch_size(predictor, tiling.patch, job.batch_size)
+    per_call = max(1, batch_size // predictor.lanes)
     w = block.write_box
     rows = _rows(job, block)
-    reader, writer = _pool("read"), _pool("write")
-    pending_read = reader.submit(_read, job, _row_read_box(job, block, rows[0][0]), tel)
+    writer = _pool("write")
     writes: collections.deque[Future[None]] = collections.deque()
     unit = job.flush_planes or w.shape[0]
     held = PlaneWindow(w, predictor.info.classes, weighted=weighted, capacity=tiling.tile[0] + unit)
-    for i, (s0, starts) in enumerate(rows):
+
+    def flush(next_start: int | None) -> None:
+        n = _flush_to(job, w, next_start) - held.start
+        if n <= 0:
+            return
+        box = Box((held.start, *w.offset[1:]), (n, *w.shape[1:]))
+        values = held.pop(n)
         t0 = time.perf_counter()
-        image = pending_read.result()
+        while len(writes) >= MAX_PENDING_WRITES:  # bounded queue: memory stays flat if writes are slow
+            writes.popleft().result()
         tel.wait += time.perf_counter() - t0
-        nxt = rows[i + 1][0] if i + 1 < len(rows) else None
-        if nxt is not None:
-            pending_read = reader.submit(_read, job, _row_read_box(job, block, nxt), tel)
-        row_box = _row_read_box(job, block, s0)
-        held.extend(s0 + tiling.tile[0])
+        writes.append(writer.submit(_write, job, box, values, tel))
+
+    batches = _row_batches(job, block, rows, per_call, tel)
+    in_flight: collections.deque[tuple[int, list[tuple[int, ...]], Future[np.ndarray]]] = collections.deque()
+    row = -1
+    t_start = time.perf_counter()
+    wait_before = tel.wait
+    for item in itertools.chain(batches, itertools.repeat(None)):
+        if item is not None:
+            i, chunk, batch = item
+            in_flight.append((i, chunk, predictor.submit(batch)))
+            if len(in_flight) < 2 * predictor.lanes:
+                continue
+        if not in_flight:
+            break
+        i, chunk, future = in_flight.popleft()
+        if i != row:  # the first patch of a new row: the rows before it are complete
+            if row >= 0:
+                flush(rows[i][0])
+            held.extend(rows[i][0] + tiling.tile[0])
+            row = i
         acc = held.acc
-        t1 = time.perf_counter()
-        for k in range(0, len(starts), batch_size):
-            chunk = starts[k : k + batch_size]
-            boxes = [tiling.input_box(s).relative_to(row_box) for s in chunk]
-            out = predictor(np.stack([image[(slice(None),) + b.to_slices()] for b in boxes]))
-            for start, pred in zip(chunk, out):
-                acc.add(pred[keep], Box(start, tiling.tile), weights)
-        tel.compute += time.perf_counter() - t1
-        done = _flush_to(job, w, nxt)
-        n = done - held.start
-        if n > 0:
-            box = Box((held.start, *w.offset[1:]), (n, *w.shape[1:]))
-            values = held.pop(n)
-            t2 = time.perf_counter()
-            while len(writes) >= MAX_PENDING_WRITES:  # bounded queue: memory stays flat if writes are slow
-                writes.popleft().result()
-            tel.wait += time.perf_counter() - t2
-            writes.append(writer.submit(_write, job, box, values, tel))
+        for start, pred in zip(chunk, future.result()):
+            acc.add(pred[keep], Box(start, tiling.tile), weights)
+    flush(None)
     t3 = time.perf_counter()
+    tel.compute += (t3 - t_start) - (tel.wait - wait_before)  # waiting on the lanes and blending
     while writes:
         writes.popleft().result()
     tel.wait += time.perf_counter() - t3
+
+
+def _row_batches(
+    job: BlockJob, block: Block, rows: list[tuple[int, list[tuple[int, ...]]]], per_call: int, tel: Telemetry,
+) -> Iterator[tuple[int, list[tuple[int, ...]], np.ndarray]]:
+    """(row index, tile starts, input batch) for every forward pass of *block*, in the
+    global order; the reader thread reads and normalises the next row meanwhile."""
+    tiling = job.plan.tiling
+    reader = _pool("read")
+    pending = reader.submit(_read, job, _row_read_box(job, block, rows[0][0]), tel)
+    for i, (s0, starts) in enumerate(rows):
+        t0 = time.perf_counter()
+        image = pending.result()
+        tel.wait += time.perf_counter() - t0
+        if i + 1 < len(rows):
+            pending = reader.submit(_read, job, _row_read_box(job, block, rows[i + 1][0]), tel)
+        row_box = _row_read_box(job, block, s0)
+        for k in range(0, len(starts), per_call):
+            chunk = starts[k : k + per_call]
+            boxes = [tiling.input_box(s).relative_to(row_box) for s in chunk]
+            yield i, chunk, np.stack([image[(slice(None),) + b.to_slices()] for b in boxes])
 
 
 # --- skipping blocks without signal ---------------------------------------------------
