@@ -274,7 +274,7 @@ def write_report(path: Path, compare: dict[str, Any], growth: list[Any], *, gpu:
         "",
         f"- machine: {machine(gpu)}",
         f"- command: `{command}`",
-        f"- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
         f"- model: `UNet(ModelSpec(dims=3, padding='same', depth=3, width={width}, classes=2))`, untrained, "
         f"{'bf16' if gpu else 'float32'}",
         f"- input: Zarr v3 uint16 {shape}, chunks 64^3; patch 64^3, overlap 0.25, gaussian; outputs float32 "

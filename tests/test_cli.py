@@ -8,7 +8,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from conftest import random_image, write_zarr
+from conftest import write_zarr
 from unetflow.cli import main
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import textwrap
 
-import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner

@@ -4,7 +4,6 @@ loopback moto server."""
 
 from __future__ import annotations
 
-import os
 import socket
 
 import h5py
@@ -14,7 +13,7 @@ import tifffile
 import zarr
 from click.testing import CliRunner
 
-from conftest import random_image, write_zarr
+from conftest import random_image
 from unetflow import store
 from unetflow.cli import main
 from unetflow.config import ClusterSpec, OutputSettings, RunConfig, TilingSpec

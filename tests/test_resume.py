@@ -162,7 +162,7 @@ def test_worker_resources_spread_blocks_over_workers(tmp_path, image3d):
     """Workers declaring GPU=1 (here on CPU, two threads each): blocks must ask for it too."""
     inp, data = image3d
     cluster = ClusterSpec(kind="local", workers=2, threads=2, resources={"GPU": 1})
-    report = segment(config(inp, tmp_path / "o.zarr", cluster=cluster), source=ScaleNetSource(factor=2.0, delay=0.01), progress=False)
+    segment(config(inp, tmp_path / "o.zarr", cluster=cluster), source=ScaleNetSource(factor=2.0, delay=0.01), progress=False)
     per_worker = report_of(tmp_path / "o.zarr")["workers"]
     blocks = sorted(w["blocks"] for w in per_worker.values())
     assert len(blocks) >= 2 and sum(blocks) == 45 and blocks[-1] <= 40, per_worker  # spread, not piled onto one

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from unetflow.errors import ConfigError, ShapeError
 from unetflow.sample import make_sample

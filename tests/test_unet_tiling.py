@@ -9,7 +9,6 @@ import zarr
 
 from conftest import random_image, write_zarr
 from unetflow.config import ClusterSpec, ModelSpec, NormSpec, OutputSettings, RunConfig, TilingSpec
-from unetflow.infer import CheckpointSource
 from unetflow.model.checkpoint import save_checkpoint
 from unetflow.model.unet import UNet
 from unetflow.run import segment
