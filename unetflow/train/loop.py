@@ -166,7 +166,7 @@ def _loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, kind
 def validate(net: UNet, pairs: list[Pair], ps: PatchSpec, *, device: torch.device) -> dict[str, float]:
     """Scores on the held-out parts (capped to a central crop): foreground IoU, object F1."""
     from unetflow.evaluate import evaluate
-    from unetflow.label import label_whole
+    from unetflow.label import instance_classes, label_whole
 
     boxes = [(p, _val_crop(p.val_box, net.spec.dims)) for p in pairs if p.val_box is not None]
     if not boxes:
@@ -177,9 +177,10 @@ def validate(net: UNet, pairs: list[Pair], ps: PatchSpec, *, device: torch.devic
     preds, truths, offset = [], [], 0
     for pair, box in boxes:
         image, labels = read_region(pair, box, net.spec.norm)
-        classes = predict_array(predictor, image, tiling).argmax(axis=0)
-        if ps.targets == "instances":  # ids offset per pair so objects of different pairs never match
-            pred = label_whole(classes).ravel().astype(np.int64)
+        probs = predict_array(predictor, image, tiling)
+        classes = probs.argmax(axis=0)
+        if ps.targets == "instances":  # the rule of `--output instances`; ids offset per pair so pairs never match
+            pred = label_whole(instance_classes(probs)).ravel().astype(np.int64)
             true = labels.ravel().astype(np.int64)
             preds.append(np.where(pred > 0, pred + offset, 0))
             truths.append(np.where(true > 0, true + offset, 0))
