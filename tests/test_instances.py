@@ -97,3 +97,20 @@ def test_weak_interior_bridge_does_not_merge_touching_objects():
     np.testing.assert_array_equal(labels != 0, classes != 0)  # every foreground voxel grown back
     # threshold 0 is the plain argmax
     np.testing.assert_array_equal(instance_classes(probs, 0.0), probs.argmax(axis=0))
+
+
+def test_interior_threshold_setting_reaches_the_blocks():
+    from unetflow.config import OutputSettings, run_config_from_mapping
+    from unetflow.errors import ConfigError
+    from unetflow.label import INTERIOR_THRESHOLD
+    from unetflow.run import output_spec
+
+    def spec(**kw):
+        return output_spec(RunConfig(input="in.zarr", output="out.zarr", model="m.pt", output_settings=OutputSettings(kind="instances", **kw)), None)
+
+    assert spec().interior_threshold == INTERIOR_THRESHOLD == 0.8
+    assert spec(interior_threshold=0.0).interior_threshold == 0.0
+    mapped = run_config_from_mapping({"output": {"kind": "instances", "interior_threshold": 0.6}}, input="a", output="b", model="c")
+    assert output_spec(mapped, None).interior_threshold == 0.6
+    with pytest.raises(ConfigError, match="interior threshold"):
+        OutputSettings(kind="instances", interior_threshold=1.0)

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import zarr
 from click.testing import CliRunner
 
 from unetflow.cli import main
@@ -74,6 +75,18 @@ def test_cli_sample_train_evaluate(tmp_path):
     assert seg.exit_code == 0, seg.output
     scores = runner.invoke(main, ["evaluate", pred, f"{data}/labels"])
     assert scores.exit_code == 0 and "f1" in scores.output
+    # --interior-threshold reaches the blocks: 0 is the argmax of the probabilities, labelled whole
+    from test_instances import same_up_to_renumbering
+    from unetflow.label import instance_classes, label_whole
+
+    plain, probs = str(tmp_path / "p0.zarr"), str(tmp_path / "probs.zarr")
+    common = ["--model", model, "--workers", "0", "--no-progress"]
+    assert runner.invoke(main, ["segment", f"{data}/raw", plain, *common, "--output", "instances", "--interior-threshold", "0"]).exit_code == 0
+    assert runner.invoke(main, ["segment", f"{data}/raw", probs, *common]).exit_code == 0
+    values = zarr.open_array(probs)[:]
+    assert same_up_to_renumbering(zarr.open_array(plain)[:], label_whole(values.argmax(axis=0)))
+    assert same_up_to_renumbering(zarr.open_array(pred)[:], label_whole(instance_classes(values)))
+    assert runner.invoke(main, ["evaluate", probs, f"{data}/labels"]).exit_code == 0
 
 
 def test_train_refuses_mismatched_labels(tmp_path, sample2d):
