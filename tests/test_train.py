@@ -104,3 +104,13 @@ def test_demo_runs_at_a_tiny_size(tmp_path):
     assert "object_f1" in result.output and "foreground_iou" in result.output
     png = tmp_path / "demo" / "preview.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_demo_finds_touching_nuclei_with_the_bundled_model(tmp_path):
+    # the bar for `unetflow demo` (seed 1, 48x128x128; the model trained on seed 0)
+    from unetflow.demo import run_demo
+
+    result = run_demo(str(tmp_path / "demo"), (48, 128, 128), workers=2, seed=1)
+    assert result["objects_true"] == 27
+    assert result["object_f1"] >= 0.9 and result["foreground_iou"] >= 0.9
