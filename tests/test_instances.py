@@ -8,7 +8,7 @@ import zarr
 
 from conftest import write_zarr
 from unetflow.config import ClusterSpec, OutputSettings, RunConfig, TilingSpec
-from unetflow.label import grow, label_whole, merge_table
+from unetflow.label import BORDER_CLASS, INTERIOR, grow, instance_classes, label_whole, merge_table
 from unetflow.model.testing import ScaleNetSource
 from unetflow.run import segment
 from unetflow.sample import make_sample
@@ -27,15 +27,30 @@ def one_hot(classes, k=3):
     return np.stack([(classes == i).astype(np.float32) for i in range(k)])
 
 
-@pytest.mark.parametrize("shape, block, cluster", [
-    ((19, 40, 33), (8, 8, 8), ClusterSpec(kind="inline")),
-    ((64, 70), (16, 16), ClusterSpec(kind="inline")),
-    ((19, 40, 33), (8, 16, 8), ClusterSpec(kind="local", workers=2)),
+def soft_probabilities(classes, seed=0):
+    """Probabilities whose argmax is *classes*, with interior confidence 0.5..0.95 (never near 0.8)."""
+    rng = np.random.default_rng(seed)
+    top = np.where(classes == INTERIOR, rng.choice([0.5, 0.7, 0.9, 0.95], classes.shape), 0.9).astype(np.float32)
+    rest = (1 - top) / 2
+    return np.stack([np.where(classes == i, top, rest) for i in range(3)]).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape, block, cluster, soft", [
+    ((19, 40, 33), (8, 8, 8), ClusterSpec(kind="inline"), False),
+    ((19, 40, 33), (8, 8, 8), ClusterSpec(kind="inline"), True),
+    ((64, 70), (16, 16), ClusterSpec(kind="inline"), True),
+    ((19, 40, 33), (8, 16, 8), ClusterSpec(kind="local", workers=2), True),
 ])
-def test_blockwise_instances_equal_whole_image(tmp_path, shape, block, cluster):
+def test_blockwise_instances_equal_whole_image(tmp_path, shape, block, cluster, soft):
     _, truth = make_sample(shape, seed=3)
     classes = instance_to_classes(truth)
-    inp = write_zarr(tmp_path / "in.zarr", one_hot(classes), chunks=(3, *block))
+    probs = soft_probabilities(classes) if soft else one_hot(classes)
+    if soft:  # the interior threshold changes the classes: the test covers step 0 too
+        assert (instance_classes(probs) != classes).any()
+    else:
+        classes = instance_classes(probs)
+        np.testing.assert_array_equal(classes, instance_to_classes(truth))  # one-hot: the classes themselves
+    inp = write_zarr(tmp_path / "in.zarr", probs, chunks=(3, *block))
     config = RunConfig(
         input=inp, output=str(tmp_path / "inst.zarr"), model="(oracle)",
         tiling=TilingSpec(block_shape=block, patch_shape=tuple(min(8, b) for b in block)),
@@ -44,7 +59,7 @@ def test_blockwise_instances_equal_whole_image(tmp_path, shape, block, cluster):
     segment(config, source=ScaleNetSource(dims=len(shape), channels=3), progress=False)
     got = zarr.open_array(str(tmp_path / "inst.zarr"))[:]
     assert got.dtype == np.uint64
-    expected = label_whole(classes)
+    expected = label_whole(instance_classes(probs))
     # objects straddle the seams: many more local pieces than objects
     n_seams = sum(s // b for s, b in zip(shape, block))
     assert n_seams > 3 and expected.max() > 5
@@ -63,3 +78,39 @@ def test_grow_tie_break_is_geometric():
     once = grow(labels, fg, 1)
     assert once[1, 1] == 7  # -x neighbour comes before +x, whatever the ids
     assert grow(labels * 0 + np.where(labels == 7, 9, np.where(labels == 9, 7, 0)).astype(np.uint64), fg, 1)[1, 1] == 9
+
+
+def test_weak_interior_bridge_does_not_merge_touching_objects():
+    # two 5x5 objects side by side (x 1..5 and 6..10): interior, a border seam of 2
+    # voxels, but the model is unsure at the seam (interior 0.6 > border 0.3): the
+    # argmax has one interior component; confident interior gives two, grown back
+    classes = np.zeros((7, 12), dtype=np.uint8)
+    classes[1:6, 1:11] = BORDER_CLASS
+    classes[2:5, 2:5] = INTERIOR
+    classes[2:5, 7:10] = INTERIOR
+    probs = one_hot(classes) * 0.9 + 0.05
+    probs[:, 2:5, 5:7] = np.array([0.1, 0.6, 0.3])[:, None, None]  # the bridge
+    assert label_whole(probs.argmax(axis=0)).max() == 1  # merged
+    labels = label_whole(instance_classes(probs))
+    assert labels.max() == 2
+    assert set(np.unique(labels[:, :6])) == {0, 1} and set(np.unique(labels[:, 6:])) == {0, 2}
+    np.testing.assert_array_equal(labels != 0, classes != 0)  # every foreground voxel grown back
+    # threshold 0 is the plain argmax
+    np.testing.assert_array_equal(instance_classes(probs, 0.0), probs.argmax(axis=0))
+
+
+def test_interior_threshold_setting_reaches_the_blocks():
+    from unetflow.config import OutputSettings, run_config_from_mapping
+    from unetflow.errors import ConfigError
+    from unetflow.label import INTERIOR_THRESHOLD
+    from unetflow.run import output_spec
+
+    def spec(**kw):
+        return output_spec(RunConfig(input="in.zarr", output="out.zarr", model="m.pt", output_settings=OutputSettings(kind="instances", **kw)), None)
+
+    assert spec().interior_threshold == INTERIOR_THRESHOLD == 0.8
+    assert spec(interior_threshold=0.0).interior_threshold == 0.0
+    mapped = run_config_from_mapping({"output": {"kind": "instances", "interior_threshold": 0.6}}, input="a", output="b", model="c")
+    assert output_spec(mapped, None).interior_threshold == 0.6
+    with pytest.raises(ConfigError, match="interior threshold"):
+        OutputSettings(kind="instances", interior_threshold=1.0)

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import zarr
 from click.testing import CliRunner
 
 from unetflow.cli import main
@@ -74,6 +75,18 @@ def test_cli_sample_train_evaluate(tmp_path):
     assert seg.exit_code == 0, seg.output
     scores = runner.invoke(main, ["evaluate", pred, f"{data}/labels"])
     assert scores.exit_code == 0 and "f1" in scores.output
+    # --interior-threshold reaches the blocks: 0 is the argmax of the probabilities, labelled whole
+    from test_instances import same_up_to_renumbering
+    from unetflow.label import instance_classes, label_whole
+
+    plain, probs = str(tmp_path / "p0.zarr"), str(tmp_path / "probs.zarr")
+    common = ["--model", model, "--workers", "0", "--no-progress"]
+    assert runner.invoke(main, ["segment", f"{data}/raw", plain, *common, "--output", "instances", "--interior-threshold", "0"]).exit_code == 0
+    assert runner.invoke(main, ["segment", f"{data}/raw", probs, *common]).exit_code == 0
+    values = zarr.open_array(probs)[:]
+    assert same_up_to_renumbering(zarr.open_array(plain)[:], label_whole(values.argmax(axis=0)))
+    assert same_up_to_renumbering(zarr.open_array(pred)[:], label_whole(instance_classes(values)))
+    assert runner.invoke(main, ["evaluate", probs, f"{data}/labels"]).exit_code == 0
 
 
 def test_train_refuses_mismatched_labels(tmp_path, sample2d):
@@ -91,3 +104,13 @@ def test_demo_runs_at_a_tiny_size(tmp_path):
     assert "object_f1" in result.output and "foreground_iou" in result.output
     png = tmp_path / "demo" / "preview.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_demo_finds_touching_nuclei_with_the_bundled_model(tmp_path):
+    # the bar for `unetflow demo` (seed 1, 48x128x128; the model trained on seed 0)
+    from unetflow.demo import run_demo
+
+    result = run_demo(str(tmp_path / "demo"), (48, 128, 128), workers=2, seed=1)
+    assert result["objects_true"] == 27
+    assert result["object_f1"] >= 0.9 and result["foreground_iou"] >= 0.9

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from unetflow.errors import ConfigError, ShapeError
 from unetflow.sample import make_sample
 from unetflow.train.augment import apply_field, elastic, elastic_field, intensity_jitter, random_flip_rot
+from unetflow.train.data import PatchSpec, make_targets
 from unetflow.train.losses import class_balance_weights, soft_dice_loss, weight_map, weighted_cross_entropy
 from unetflow.train.targets import instance_to_classes, is_instance_labels
 
@@ -244,6 +245,30 @@ def test_weight_map_3d_matches_2d_and_drops_far_terms():
     np.testing.assert_allclose(w3[0], w2, rtol=1e-6)
     assert w2[0, 1] == pytest.approx(1.0 + border_term(1, 2, sigma=2.0))
     assert w2[0, -1] == 1.0  # beyond reach (about 3.7 sigma) of object 1: term dropped
+
+
+def test_weight_map_separators_put_the_border_term_on_contacts_of_touching_objects():
+    # x:        0  1  2  3  4  5  6  7  8  9
+    labels = np.array([[1, 1, 1, 1, 2, 2, 2, 2, 0, 0]], dtype=np.uint32)
+    classes = instance_to_classes(labels)
+    assert classes[0].tolist() == [1, 1, 2, 2, 2, 2, 1, 2, 0, 0]
+    w = weight_map(labels, class_weights=[0.0, 0.0, 0.0], targets=classes, separators=classes != 1)
+    expected = [0, 0, border_term(0, 2), border_term(0, 1), border_term(0, 1), border_term(0, 2), 0,
+                border_term(0, 4), border_term(1, 5), border_term(2, 6)]
+    np.testing.assert_allclose(w[0], expected, rtol=1e-5)
+    paper = weight_map(labels, class_weights=[0.0, 0.0, 0.0], targets=classes)  # background only
+    np.testing.assert_allclose(paper[0, :8], 0.0)
+    with pytest.raises(ShapeError):
+        weight_map(labels, separators=np.ones((1, 3), bool))
+
+
+def test_instance_targets_weight_the_contact_between_touching_objects():
+    labels = np.array([[1, 1, 1, 1, 2, 2, 2, 2, 0, 0]], dtype=np.uint32)
+    ps = PatchSpec((1, 10), (1, 10), 0, "instances", 10.0, 5.0, 0.0, 3)
+    classes, w = make_targets(labels, ps)
+    balance = class_balance_weights(classes, 3)
+    assert w[0, 3] == pytest.approx(balance[2] + border_term(0, 1), rel=1e-5)  # the contact voxel
+    assert w[0, 1] == pytest.approx(balance[1], rel=1e-5)  # interior: no border term
 
 
 def test_weight_map_with_class_targets_and_errors():

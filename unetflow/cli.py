@@ -84,6 +84,7 @@ def _shape(value: str | None, what: str) -> tuple[int, ...] | None:
 @click.option("--mask", "mask", default=None, help="A Zarr foreground mask of any resolution (scaled to the image); blocks with no nonzero mask voxel are skipped and stay 0.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (slower start, often faster on GPUs).")
 @click.option("--output", "output_kind", type=click.Choice(["probabilities", "labels", "instances"]), default="probabilities", show_default=True, help="Class probabilities (C, ...), argmax labels, or instances: one 64-bit id per object for models trained on instance labels (background/interior/border), consistent across blocks (a CPU merge phase after the blocks).")
+@click.option("--interior-threshold", type=float, default=None, help="Instances: interior probability a voxel needs to seed an object (default 0.8; 0 is the plain argmax). Higher splits more touching objects, lower merges more.")
 @click.option("--dtype", default=None, help="Probabilities: float32 (default), float16 or uint8 (x255, 4x smaller). Labels: the smallest unsigned type that fits.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output. Without it an existing output is never touched.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (blocks, shapes, redundancy, memory per worker) and stop.")
@@ -99,7 +100,7 @@ def _shape(value: str | None, what: str) -> tuple[int, ...] | None:
 @friendly_errors
 def segment(input_path: str, output_path: str, model: str, workers: int, gpus: int, scheduler: str | None, block_shape: str | None,
             patch_shape: str | None, chunk_shape: str | None, shard_shape: str | None, blend: str, overlap: float, halo: str | None,
-            allow_small_halo: bool, mirror: str, batch_size: int, output_kind: str, dtype: str | None, overwrite: bool,
+            allow_small_halo: bool, mirror: str, batch_size: int, output_kind: str, interior_threshold: float | None, dtype: str | None, overwrite: bool,
             dry_run: bool, device: str, amp: bool | None, progress: bool, ome: bool, level: int | None, verbose: int,
             config_file: str | None = None, resume: bool = False, part: str | None = None,
             skip_empty: bool = False, skip_threshold: float | None = None, mask: str | None = None, compile_: bool = False) -> None:
@@ -136,7 +137,8 @@ def segment(input_path: str, output_path: str, model: str, workers: int, gpus: i
         tiling=TilingSpec(block_shape=_shape(block_shape, "block shape"), patch_shape=_shape(patch_shape, "patch shape"), blend=blend, overlap=overlap,
                           halo=_shape(halo, "halo"), allow_small_halo=allow_small_halo, mirror=mirror, batch_size=batch_size),
         output_settings=OutputSettings(kind=output_kind, dtype=dtype, chunk_shape=_shape(chunk_shape, "chunk shape"),
-                                       shard_shape=_shape(shard_shape, "shard shape"), overwrite=overwrite, ome=ome),
+                                       shard_shape=_shape(shard_shape, "shard shape"), overwrite=overwrite, ome=ome,
+                                       interior_threshold=interior_threshold),
         cluster=cluster, device=device, amp=amp, dry_run=dry_run, level=level, resume=resume, part=part,
         skip=SkipSpec(empty=skip_empty, threshold=skip_threshold, mask=mask), compile=compile_,
     )
@@ -159,6 +161,7 @@ FLAG_SETTINGS = {
     "block_shape": "tiling.block_shape", "patch_shape": "tiling.patch_shape", "blend": "tiling.blend",
     "overlap": "tiling.overlap", "halo": "tiling.halo", "allow_small_halo": "tiling.allow_small_halo",
     "mirror": "tiling.mirror", "batch_size": "tiling.batch_size", "output_kind": "output_settings.kind",
+    "interior_threshold": "output_settings.interior_threshold",
     "dtype": "output_settings.dtype", "chunk_shape": "output_settings.chunk_shape", "shard_shape": "output_settings.shard_shape",
     "overwrite": "output_settings.overwrite", "device": "device", "amp": "amp", "dry_run": "dry_run",
     "resume": "resume", "part": "part",

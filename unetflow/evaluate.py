@@ -169,17 +169,20 @@ def evaluate_arrays(prediction: str, truth: str) -> dict[str, float]:
     """Score stored arrays: *prediction* (instances, a class map or probabilities) against *truth*.
 
     A float prediction with one axis more than the truth is probabilities (C, ...) and
-    is turned into its argmax; a 3-class map (background / interior / border) into
-    instances by :func:`unetflow.label.label_whole`.
+    is turned into its argmax; 3-class probabilities (background / interior / border)
+    into instances by the rule of ``--output instances``
+    (:func:`unetflow.label.instance_classes`, then :func:`unetflow.label.label_whole`).
     """
     from unetflow import store
-    from unetflow.label import label_whole
+    from unetflow.label import instance_classes, label_whole
 
     pred = np.asarray(store.open_input(prediction)[...])
     true = np.asarray(store.open_input(truth)[...])
     if pred.ndim == true.ndim + 1:
-        pred = pred.argmax(axis=0)
-        if pred.max(initial=0) <= 2:
+        probs, pred = pred, pred.argmax(axis=0)
+        if len(probs) == 3:  # uint8 probabilities are stored as p * 255
+            pred = label_whole(instance_classes(probs / 255.0 if probs.dtype == np.uint8 else probs))
+        elif pred.max(initial=0) <= 2:
             pred = label_whole(pred)
     _check_pair(pred, true)
     return evaluate(pred.astype(np.int64), true.astype(np.int64))

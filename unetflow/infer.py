@@ -27,7 +27,7 @@ from unetflow.blend import Accumulator, PlaneWindow, tile_weights
 from unetflow.config import NormSpec
 from unetflow.errors import ConfigError
 from unetflow.geometry import Box
-from unetflow.label import local_components
+from unetflow.label import INTERIOR_THRESHOLD, instance_classes, local_components
 from unetflow.plan import Block, Plan, Tiling
 
 log = logging.getLogger(__name__)
@@ -76,10 +76,11 @@ def net_info(net: torch.nn.Module) -> NetInfo:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """What the written output holds: ``probabilities`` (K channels) or ``labels``."""
+    """What the written output holds: ``probabilities`` (K channels), ``labels`` or ``instances``."""
 
     kind: str = "probabilities"
     dtype: str = "float32"
+    interior_threshold: float = INTERIOR_THRESHOLD  # instances: see unetflow.label.instance_classes
 
 
 @dataclass(frozen=True)
@@ -332,10 +333,10 @@ def convert_output(values: np.ndarray, output: OutputSpec) -> tuple[np.ndarray, 
     """Blended values (K, ...) -> what is written, and the block's object count (instances).
 
     ``probabilities`` in a dtype; ``labels``: the argmax; ``instances``: the block's
-    interior components numbered locally (phase 1 of :mod:`unetflow.label`).
+    confident-interior components numbered locally (steps 0 and 1 of :mod:`unetflow.label`).
     """
     if output.kind == "instances":
-        return local_components(values.argmax(axis=0))
+        return local_components(instance_classes(values, output.interior_threshold))
     return _convert_values(values, output), 0
 
 

@@ -2,6 +2,11 @@
 
 The rule (the same in memory and blockwise, so the two agree up to renumbering):
 
+0. from the model's probabilities, voxel by voxel (:func:`instance_classes`): the
+   argmax class, except that an ``interior`` voxel whose interior probability is
+   below ``INTERIOR_THRESHOLD`` counts as ``border``: only confident interior seeds
+   objects, so a faint interior bridge across the contact of two touching objects
+   does not merge them;
 1. objects are the face-connected components of the ``interior`` class;
 2. each object then grows ``GROW_STEPS`` steps into the other foreground voxels
    (``border``): a voxel takes the label of its first labelled face neighbour in a
@@ -36,6 +41,22 @@ from unetflow.plan import Plan
 BACKGROUND, INTERIOR, BORDER_CLASS = 0, 1, 2
 BORDER = np.uint64(np.iinfo(np.uint64).max)  # scratch marker: a border voxel, not yet labelled
 GROW_STEPS = 3
+INTERIOR_THRESHOLD = 0.8
+
+
+def instance_classes(probabilities: np.ndarray, interior_threshold: float = INTERIOR_THRESHOLD) -> np.ndarray:
+    """Step 0, pointwise: (3, ...) class probabilities -> class map (uint8) for instances.
+
+    The argmax, with ``interior`` voxels below *interior_threshold* demoted to
+    ``border`` (still foreground: they are grown into, not seeded from). A threshold
+    of 0 (or anything up to 1/3) is the plain argmax. One-hot input gives its classes back.
+
+    >>> instance_classes(np.array([[0.1, 0.1, 0.8], [0.6, 0.8, 0.1], [0.3, 0.1, 0.1]])).tolist()
+    [2, 1, 0]
+    """
+    classes = probabilities.argmax(axis=0).astype(np.uint8)
+    classes[(classes == INTERIOR) & (probabilities[INTERIOR] < interior_threshold)] = BORDER_CLASS
+    return classes
 
 
 def local_components(classes: np.ndarray) -> tuple[np.ndarray, int]:

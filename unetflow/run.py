@@ -191,7 +191,9 @@ def output_chunks(config: RunConfig, block: Sequence[int]) -> tuple[tuple[int, .
 def output_spec(config: RunConfig, info: NetInfo) -> OutputSpec:
     o = config.output_settings
     if o.kind == "instances":
-        return OutputSpec("instances", "uint64")
+        from unetflow.label import INTERIOR_THRESHOLD
+
+        return OutputSpec("instances", "uint64", INTERIOR_THRESHOLD if o.interior_threshold is None else float(o.interior_threshold))
     if o.kind == "labels":
         smallest = "uint8" if info.classes <= 256 else "uint16"
         return OutputSpec("labels", o.dtype or smallest)

@@ -19,7 +19,7 @@ from unetflow.geometry import Box
 from unetflow.infer import normalise, norm_stats
 from unetflow.train.augment import elastic, intensity_jitter, random_flip_rot
 from unetflow.train.losses import class_balance_weights, weight_map
-from unetflow.train.targets import instance_to_classes, is_instance_labels
+from unetflow.train.targets import INTERIOR, instance_to_classes, is_instance_labels
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +132,15 @@ def sample_patch(pair: Pair, rng: np.random.Generator, ps: PatchSpec, norm: Norm
 
 
 def make_targets(labels: np.ndarray, ps: PatchSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Class targets and the paper's weight map (border term for instance labels)."""
+    """Class targets and the paper's weight map (border term for instance labels).
+
+    The border term goes on the background and on the border class: between touching
+    objects the border class is what separates them (there is no background gap).
+    """
     if ps.targets == "instances":
         classes = instance_to_classes(labels)
-        return classes, weight_map(labels, w0=ps.w0, sigma=ps.sigma, targets=classes).astype(np.float32)
+        separators = classes != INTERIOR
+        return classes, weight_map(labels, w0=ps.w0, sigma=ps.sigma, targets=classes, separators=separators).astype(np.float32)
     classes = labels.astype(np.int64)
     n = int(classes.max()) + 1
     return classes.astype(np.uint8), class_balance_weights(classes, max(n, 2))[classes].astype(np.float32)

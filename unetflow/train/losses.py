@@ -53,13 +53,19 @@ def weight_map(
     sigma: float = 5.0,
     class_weights: np.ndarray | None = None,
     targets: np.ndarray | None = None,
+    separators: np.ndarray | None = None,
 ) -> np.ndarray:
     """The paper's eq. 2: ``w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))^2 / (2 sigma^2))``.
 
     ``d1`` and ``d2`` are the Euclidean distances (in voxels, between voxel centres)
     from ``x`` to the nearest voxel of the nearest and of the second-nearest object.
-    As in the paper, the border term is added on background voxels only: it makes
-    the thin background gaps between close objects expensive to get wrong.
+    The border term is added on the *separating* voxels only, by default the
+    background (as in the paper): it makes the thin gaps between close objects
+    expensive to get wrong. Where objects touch with no background between them, the
+    separating voxels are the border class at the contact (``d1 = 0``, ``d2`` about 1),
+    so the instance targets pass ``separators = classes != interior`` (see
+    :func:`unetflow.train.data.make_targets`); on an object's outer border far from
+    any other object the term vanishes (``d2`` large).
 
     ``w_c`` balances class frequencies: ``class_weights[targets]``, where ``targets``
     defaults to ``instance_labels > 0`` (background / foreground) and
@@ -82,6 +88,8 @@ def weight_map(
         Weight per class of ``targets``.
     targets : ndarray of the shape of ``instance_labels``, integer in [0, K), optional
         Class map ``w_c`` is looked up in.
+    separators : ndarray of the shape of ``instance_labels``, bool, optional
+        Voxels that get the border term; default ``instance_labels == 0``.
 
     Returns
     -------
@@ -90,8 +98,8 @@ def weight_map(
     Raises
     ------
     ShapeError
-        If ``instance_labels`` is not 2-D or 3-D integers, or ``targets`` does not
-        have its shape.
+        If ``instance_labels`` is not 2-D or 3-D integers, or ``targets`` or
+        ``separators`` does not have its shape.
     ConfigError
         If ``sigma <= 0`` or ``w0 < 0``.
     """
@@ -102,13 +110,16 @@ def weight_map(
     targets = (instance_labels > 0).astype(np.uint8) if targets is None else np.asarray(targets)
     if targets.shape != instance_labels.shape:
         raise ShapeError(f"targets of shape {targets.shape} do not match labels of shape {instance_labels.shape}; pass the class map of these labels")
+    separators = instance_labels == 0 if separators is None else np.asarray(separators, dtype=bool)
+    if separators.shape != instance_labels.shape:
+        raise ShapeError(f"separators of shape {separators.shape} do not match labels of shape {instance_labels.shape}; pass one flag per voxel")
     if class_weights is None:
         class_weights = class_balance_weights(targets, int(targets.max()) + 1)
     weights = np.asarray(class_weights, dtype=np.float32)[targets]
     if w0 > 0:
         d1, d2 = two_nearest_distances(instance_labels, reach=sigma * math.sqrt(2 * math.log(1 / NEGLIGIBLE)))
         border = w0 * np.exp(-((d1 + d2) ** 2) / (2 * sigma**2))
-        weights += np.where(instance_labels == 0, border, 0.0).astype(np.float32)
+        weights += np.where(separators, border, 0.0).astype(np.float32)
     return weights
 
 
