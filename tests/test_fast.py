@@ -118,4 +118,6 @@ def test_local_workers_start_with_unetflow_malloc_settings():
     expected = os.environ.get("GLIBC_TUNABLES") or schedule.WORKER_MALLOC_TUNABLES
     with schedule.open_client(ClusterSpec(kind="local", workers=1)) as client:
         env = next(iter(client.run(lambda: {k: os.environ.get(k) for k in ("GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_")}).values()))
+        profile = next(iter(client.run(lambda: __import__("dask").config.get("distributed.worker.profile.enabled")).values()))
+    assert profile is False  # the worker's 10 ms profiler is off (WORKER_DASK_CONFIG)
     assert env == {"GLIBC_TUNABLES": expected, "MALLOC_TRIM_THRESHOLD_": None}

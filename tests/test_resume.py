@@ -208,6 +208,7 @@ def test_example_configs_load_and_make_job_scripts(tmp_path, name):
         script = cls(**schedule.jobqueue_options(cfg.cluster, log_directory=str(tmp_path))).job_script()
         assert "distributed.cli.dask_worker" in script
         assert "export GLIBC_TUNABLES=" in script and schedule.WORKER_MALLOC_TUNABLES in script
+        assert "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=" in script
 
 
 def test_jobqueue_import_writes_nothing_to_home(tmp_path):

@@ -51,7 +51,7 @@ def open_client(spec: ClusterSpec, *, log_directory: str | None = None) -> Itera
     import dask
     from distributed import Client
 
-    settings = {"distributed.scheduler.allowed-failures": max(1, spec.retries)}
+    settings = {"distributed.scheduler.allowed-failures": max(1, spec.retries), **WORKER_DASK_CONFIG}
     if spec.kind == "address":
         with dask.config.set(settings), Client(spec.address, timeout="30s") as client:
             yield client
@@ -181,10 +181,26 @@ def _jobqueue_cluster(spec: ClusterSpec, *, log_directory: str | None = None) ->
 # user set wins; glibc < 2.35 ignores the hugetlb tunable.
 WORKER_MALLOC_TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4194304"
 
+# Dask settings for the clusters unetflow starts. A worker's periodic housekeeping (the
+# statistical profiler every 10 ms, the event-loop tick every 20 ms, the memory monitor
+# every 100 ms) woke up often enough on a 2-core machine to slow the model by 8 %
+# (BENCHMARKS.md, issue 6): the profiler is off (the dashboard's profile page stays
+# empty) and the others run once a second (memory limits are enforced a little later).
+WORKER_DASK_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.worker.memory.monitor-interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
+}
+
 
 def worker_env() -> dict[str, str]:
-    """Environment variables unetflow sets for the worker processes it starts."""
-    return {"GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES") or WORKER_MALLOC_TUNABLES}
+    """Environment variables unetflow sets for the worker processes it starts
+    (batch jobs get :data:`WORKER_DASK_CONFIG` this way too)."""
+    env = {"GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES") or WORKER_MALLOC_TUNABLES}
+    for key, value in WORKER_DASK_CONFIG.items():
+        env["DASK_" + key.upper().replace(".", "__").replace("-", "_")] = str(value)
+    return env
 
 
 @contextlib.contextmanager
