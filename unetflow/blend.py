@@ -66,6 +66,17 @@ class Accumulator:
         self.weights = np.zeros(write_box.shape, dtype=np.float64) if weighted else None
         self.hits = None if weighted else np.zeros(write_box.shape, dtype=np.uint8)
 
+    def front(self, n: int, offset: int) -> "Accumulator":
+        """The first *n* planes (axis 0) as an accumulator of their own at axis-0 *offset*:
+        views, so adding to it adds to this one."""
+        view = Accumulator.__new__(Accumulator)
+        view.write_box = Box((offset, *self.write_box.offset[1:]), (n, *self.write_box.shape[1:]))
+        view.weighted = self.weighted
+        view.values = self.values[:, :n]
+        view.weights = None if self.weights is None else self.weights[:n]
+        view.hits = None if self.hits is None else self.hits[:n]
+        return view
+
     def add(self, prediction: np.ndarray, tile_box: Box, weights: np.ndarray | None = None) -> None:
         """Add *prediction* (ndarray of shape (K, *tile_box.shape)) located at *tile_box*."""
         part = tile_box.intersect(self.write_box)
@@ -126,17 +137,7 @@ class PlaneWindow:
     @property
     def acc(self) -> Accumulator:
         """An :class:`Accumulator` over the planes held now (views into the buffer)."""
-        return self._view(self.stop - self.start)
-
-    def _view(self, n: int) -> Accumulator:
-        b = self._buf
-        view = Accumulator.__new__(Accumulator)
-        view.write_box = Box((self.start, *self.write_box.offset[1:]), (n, *self.write_box.shape[1:]))
-        view.weighted = b.weighted
-        view.values = b.values[:, :n]
-        view.weights = None if b.weights is None else b.weights[:n]
-        view.hits = None if b.hits is None else b.hits[:n]
-        return view
+        return self._buf.front(self.stop - self.start, self.start)
 
     def extend(self, stop: int) -> None:
         """Hold planes up to *stop* (clipped to the write box); new planes are empty."""
@@ -152,7 +153,7 @@ class PlaneWindow:
         global order, axis 0 outermost).
         """
         held = self.stop - self.start
-        out = self._view(n).result()
+        out = self._buf.front(n, self.start).result()
         if np.shares_memory(out, self._buf.values):  # tile/crop modes return the sums themselves
             out = out.copy()
         self._shift(n, held)
@@ -161,14 +162,9 @@ class PlaneWindow:
 
     def _shift(self, n: int, held: int) -> None:
         b = self._buf
+        counts = b.weights if b.weighted else b.hits
         for i in range(held - n):  # plane by plane: source and target never overlap
             b.values[:, i] = b.values[:, n + i]
-            if b.weights is not None:
-                b.weights[i] = b.weights[n + i]
-            else:
-                b.hits[i] = b.hits[n + i]
+            counts[i] = counts[n + i]
         b.values[:, held - n : held] = 0
-        if b.weights is not None:
-            b.weights[held - n : held] = 0
-        else:
-            b.hits[held - n : held] = 0
+        counts[held - n : held] = 0

@@ -308,11 +308,17 @@ def predict_patches(plan: Plan, block: Block, image: np.ndarray, predictor: Pred
     keep = (slice(None),) + tuple(slice(o, o + t) for o, t in zip(tiling.out_offset, tiling.tile))
     for i in range(0, len(starts), batch_size):
         chunk = starts[i : i + batch_size]
-        boxes = [tiling.input_box(s).relative_to(block.read_box) for s in chunk]
-        out = predictor(np.stack([image[(slice(None),) + b.to_slices()] for b in boxes]))
+        out = predictor(patch_batch(tiling, image, block.read_box, chunk))
         for start, pred in zip(chunk, out):
             acc.add(pred[keep], Box(start, tiling.tile), weights)
     return acc.result()
+
+
+def patch_batch(tiling: Tiling, image: np.ndarray, image_box: Box, starts: list[tuple[int, ...]]) -> np.ndarray:
+    """The input patches of the tiles at *starts*, cut from *image* (C, *image_box.shape))
+    and stacked: ndarray float32 of shape (len(starts), C, *patch)."""
+    boxes = [tiling.input_box(s).relative_to(image_box) for s in starts]
+    return np.stack([image[(slice(None),) + b.to_slices()] for b in boxes])
 
 
 def predict_array(predictor: Predictor, image: np.ndarray, tiling: Tiling, *, batch_size: int = 4, mirror: str = "reflect") -> np.ndarray:
@@ -554,8 +560,7 @@ def _row_batches(
         row_box = _row_read_box(job, block, s0)
         for k in range(0, len(starts), per_call):
             chunk = starts[k : k + per_call]
-            boxes = [tiling.input_box(s).relative_to(row_box) for s in chunk]
-            yield i, chunk, np.stack([image[(slice(None),) + b.to_slices()] for b in boxes])
+            yield i, chunk, patch_batch(tiling, image, row_box, chunk)
 
 
 # --- skipping blocks without signal ---------------------------------------------------

@@ -134,7 +134,7 @@ def jobqueue_options(spec: ClusterSpec, *, log_directory: str | None = None) -> 
         "processes": 1,
         "memory": spec.memory,
         "job_extra_directives": directives,
-        "job_script_prologue": [f"export {k}={v!r}" for k, v in worker_env().items()] + list(spec.job_script_prologue),
+        "job_script_prologue": [f"export {k}={v!r}" for k, v in job_env().items()] + list(spec.job_script_prologue),
         "worker_extra_args": worker_args,
         "python": spec.python or sys.executable,
         "log_directory": spec.log_directory or log_directory,
@@ -195,9 +195,15 @@ WORKER_DASK_CONFIG = {
 
 
 def worker_env() -> dict[str, str]:
-    """Environment variables unetflow sets for the worker processes it starts
-    (batch jobs get :data:`WORKER_DASK_CONFIG` this way too)."""
-    env = {"GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES") or WORKER_MALLOC_TUNABLES}
+    """Environment variables unetflow sets for the worker processes it starts."""
+    return {"GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES") or WORKER_MALLOC_TUNABLES}
+
+
+def job_env() -> dict[str, str]:
+    """:func:`worker_env` plus :data:`WORKER_DASK_CONFIG` as ``DASK_*`` variables, for batch
+    jobs: a local cluster's nannies hand the driver's Dask config to their workers, a
+    batch job's worker reads its own."""
+    env = worker_env()
     for key, value in WORKER_DASK_CONFIG.items():
         env["DASK_" + key.upper().replace(".", "__").replace("-", "_")] = str(value)
     return env
