@@ -119,5 +119,53 @@ def test_local_workers_start_with_unetflow_malloc_settings():
     with schedule.open_client(ClusterSpec(kind="local", workers=1)) as client:
         env = next(iter(client.run(lambda: {k: os.environ.get(k) for k in ("GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_")}).values()))
         profile = next(iter(client.run(lambda: __import__("dask").config.get("distributed.worker.profile.enabled")).values()))
+        loaded = next(iter(client.run(_preloaded).values()))
     assert profile is False  # the worker's 10 ms profiler is off (WORKER_DASK_CONFIG)
     assert env == {"GLIBC_TUNABLES": expected, "MALLOC_TRIM_THRESHOLD_": None}
+    assert loaded["infer"] and loaded["frozen"] > 10_000  # the preload ran before any block: torch in, heap frozen
+
+
+def _preloaded() -> dict:
+    import gc
+    import sys
+
+    return {"infer": "unetflow.infer" in sys.modules, "frozen": gc.get_freeze_count()}
+
+
+def test_worker_preload_keeps_the_users_own():
+    import dask
+
+    from unetflow import schedule
+
+    with dask.config.set({"distributed.worker.preload": ["mylab.setup"]}):
+        assert schedule.worker_dask_config()["distributed.worker.preload"] == ["mylab.setup", schedule.WORKER_PRELOAD]
+    assert "DASK_DISTRIBUTED__WORKER__PRELOAD" in schedule.job_env()
+
+
+def test_dispatcher_starts_the_cluster_in_the_background_and_closes_once(tmp_path):
+    """start() returns at once; the first dispatch waits for the cluster; a run with no
+    blocks to do (or inline) opens none; close() is idempotent."""
+    import time
+
+    from unetflow import schedule
+
+    got = []
+    with schedule.Dispatcher(ClusterSpec(kind="local", workers=1)) as dispatch:
+        assert dispatch([], None, [], on_result=got.append) == [] and dispatch._client is None  # nothing to do: no cluster
+        t0 = time.perf_counter()
+        dispatch.start()
+        assert time.perf_counter() - t0 < 0.5  # does not wait for the workers
+        assert dispatch(_double, 3, [1, 2], on_result=got.append) == []
+        dispatch.close()
+        dispatch.close()
+    assert sorted(got) == [5, 7]
+    inline = []
+    with schedule.Dispatcher(ClusterSpec(kind="inline")) as dispatch:
+        dispatch.start()
+        assert dispatch._client is None and dispatch(_double, 3, [1], on_result=inline.append) == []
+    assert inline == [5]
+
+
+def _double(job, block_id):
+    return 2 * block_id + job
+

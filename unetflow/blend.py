@@ -65,6 +65,7 @@ class Accumulator:
         self.values = np.zeros((channels, *write_box.shape), dtype=dtype)
         self.weights = np.zeros(write_box.shape, dtype=np.float64) if weighted else None
         self.hits = None if weighted else np.zeros(write_box.shape, dtype=np.uint8)
+        self._scratch_cell: list[np.ndarray] = []  # shared with front() views
 
     def front(self, n: int, offset: int) -> "Accumulator":
         """The first *n* planes (axis 0) as an accumulator of their own at axis-0 *offset*:
@@ -75,6 +76,7 @@ class Accumulator:
         view.values = self.values[:, :n]
         view.weights = None if self.weights is None else self.weights[:n]
         view.hits = None if self.hits is None else self.hits[:n]
+        view._scratch_cell = self._scratch_cell
         return view
 
     def add(self, prediction: np.ndarray, tile_box: Box, weights: np.ndarray | None = None) -> None:
@@ -88,9 +90,25 @@ class Accumulator:
             self.values[(slice(None),) + dst] = prediction[src]
             self.hits[dst] += 1
             return
-        w = weights[src[1:]].astype(np.float64)
-        self.values[(slice(None),) + dst] += prediction[src] * w
+        w = weights[src[1:]]
+        if w.dtype != np.float64:
+            w = w.astype(np.float64)
+        # the product in a scratch buffer kept between patches (a new 4 MiB array per
+        # patch would be mapped and faulted in afresh each time), then summed in place
+        product = self._scratch(part.shape)
+        np.multiply(prediction[src], w, out=product)
+        values = self.values[(slice(None),) + dst]
+        np.add(values, product, out=values)
         self.weights[dst] += w
+
+    def _scratch(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A float64 (K, *shape) work array, a view of one buffer that grows to the largest tile."""
+        need = (self.values.shape[0], *shape)
+        cell = self._scratch_cell
+        if not cell or any(n > b for n, b in zip(need, cell[0].shape)):
+            have = cell[0].shape if cell else need
+            cell[:] = [np.empty(tuple(max(n, b) for n, b in zip(need, have)), np.float64)]
+        return cell[0][tuple(slice(0, n) for n in need)]
 
     def result(self) -> np.ndarray:
         """The blended values, ndarray float32 of shape (K, *write_box.shape).
@@ -110,9 +128,17 @@ class Accumulator:
         return (self.values / self.weights).astype(np.float32)
 
 
+@lru_cache(maxsize=16)
+def _window64(shape: tuple[int, ...], kind: str) -> np.ndarray:
+    out = window(shape, kind).astype(np.float64)
+    out.setflags(write=False)
+    return out
+
+
 def tile_weights(tile_shape: Sequence[int], kind: str) -> np.ndarray:
-    """The window for one patch tile (``none`` for unweighted modes)."""
-    return window(tuple(int(s) for s in tile_shape), kind)
+    """The window for one patch tile, in the accumulator's float64 (the float32
+    :func:`window`'s values exactly; converted once, not for every patch)."""
+    return _window64(tuple(int(s) for s in tile_shape), kind)
 
 
 class PlaneWindow:

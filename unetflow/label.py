@@ -30,9 +30,6 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from unetflow import store
 from unetflow.geometry import Box
@@ -61,6 +58,8 @@ def instance_classes(probabilities: np.ndarray, interior_threshold: float = INTE
 
 def local_components(classes: np.ndarray) -> tuple[np.ndarray, int]:
     """Phase 1: interior components numbered 1..n, border voxels = BORDER, background 0 (uint64)."""
+    from scipy import ndimage  # here, not at the top: scipy costs every worker ~0.3 s of start-up
+
     labels, n = ndimage.label(classes == INTERIOR)
     out = labels.astype(np.uint64)
     out[classes == BORDER_CLASS] = BORDER
@@ -102,6 +101,8 @@ def _shifted(a: np.ndarray, axis: int, shift: int) -> np.ndarray:
 
 def label_whole(classes: np.ndarray) -> np.ndarray:
     """The reference: the rule applied to a whole in-memory class map (uint64 labels)."""
+    from scipy import ndimage
+
     labels, _ = ndimage.label(classes == INTERIOR)
     return grow(labels.astype(np.uint64), classes != BACKGROUND)
 
@@ -121,6 +122,9 @@ def merge_table(total: int, pairs: np.ndarray) -> np.ndarray:
     >>> merge_table(4, np.array([[2, 4]])).tolist()
     [0, 1, 2, 3, 2]
     """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     n = total + 1
     if len(pairs):
         graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))

@@ -8,7 +8,6 @@ output is touched or any block runs.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -255,15 +254,27 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True) -> 
     report = RunReport(summary=p.summary())
     if config.dry_run:
         return report
-    array = store.open_input(config.input, level=config.level)
-    stats = norm_stats(store.sample_voxels(array, layout=p.layout), p.norm)
     if p.output.kind == "instances" and (config.resume or config.part):
         raise ConfigError(
             "--resume and --part are not supported with --output instances yet (labelling needs every block's "
             "components in one run); run without them, or resume --output labels/probabilities"
         )
-    ident = run_identity(p, stats)
     run_dir = resume.RunDir(config.output)
+    with schedule.Dispatcher(config.cluster, log_directory=str(run_dir.log_dir)) as dispatch:
+        if start_cluster_early(config):
+            dispatch.start()  # the cluster starts while the input statistics are sampled
+        failures, block_ids = _segment(p, report, run_dir, dispatch, progress=progress)
+    if failures:
+        raise BlockFailedError(failure_message(report.failures, len(block_ids), config.output))
+    return report
+
+
+def _segment(p: Prepared, report: RunReport, run_dir: resume.RunDir, dispatch: schedule.Dispatcher, *, progress: bool) -> tuple[list[Any], list[int]]:
+    """:func:`segment` from the input statistics on: claim the output, run the blocks, report."""
+    config = p.config
+    array = store.open_input(config.input, level=config.level)
+    stats = norm_stats(store.sample_voxels(array, layout=p.layout), p.norm)
+    ident = run_identity(p, stats)
     with claim_output(p, stats, ident, run_dir) as lock:
         block_ids = resume.part_blocks(p.plan.n_blocks, config.part)
         done = run_dir.done_blocks()
@@ -273,8 +284,7 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True) -> 
             log.info("resuming: %d of %d blocks already done, %d to do", report.blocks_skipped, len(block_ids), len(todo))
         job = make_job(p, stats)
         t0 = time.perf_counter()
-        executor = _executor(config, log_directory=str(run_dir.log_dir)) if todo else contextlib.nullcontext(schedule.run_inline)
-        with executor as dispatch, _progress(len(todo), enabled=progress) as bar:
+        with contextlib.closing(dispatch), _progress(len(todo), enabled=progress) as bar:  # the cluster stops before the lock goes
             def on_result(outcome: Any) -> None:
                 result = outcome.result
                 report.results.append(result)
@@ -301,9 +311,17 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True) -> 
             omezarr.finish_output(config.output, kind=p.output.kind, voxel_size=vox, unit=getattr(array, "unit", None))
             finished.touch()
         resume.write_json(run_dir.report_file(config.part), report_dict(p, report, ident, len(block_ids)))
-    if failures:
-        raise BlockFailedError(failure_message(report.failures, len(block_ids), config.output))
-    return report
+    return failures, block_ids
+
+
+def start_cluster_early(config: RunConfig) -> bool:
+    """Whether the cluster may start before the output is claimed: a new output (or an
+    ``--overwrite``), where every block is to do, on a cluster that does not write into
+    the output (a batch job's logs go there, and ``--overwrite`` deletes it first)."""
+    c = config.cluster
+    if c.kind == "inline" or c.is_jobqueue or config.resume or config.part is not None:
+        return False
+    return config.output_settings.overwrite or not os.path.exists(config.output)
 
 
 @contextlib.contextmanager
@@ -518,23 +536,6 @@ def telemetry_summary(results: Sequence[BlockResult], seconds: float) -> dict[st
         "peak_rss_per_worker_mb": {str(pid): round(v / 2**20, 1) for pid, v in sorted(rss.items())},
         "verdict": verdict,
     }
-
-
-@contextlib.contextmanager
-def _executor(config: RunConfig, *, log_directory: str | None = None) -> Iterator[Any]:
-    """A ``dispatch(fn, job, block_ids, on_result) -> failures`` bound to one cluster for the run.
-
-    Blocks are retried ``cluster.retries`` times and ask for the workers' resources.
-    """
-    if config.cluster.kind == "inline":
-        yield schedule.run_inline
-        return
-    spec = config.cluster
-    with schedule.open_client(spec, log_directory=log_directory) as client:
-        yield functools.partial(
-            schedule.run_blocks, client, max_in_flight=2 * schedule.expected_workers(spec), retries=spec.retries,
-            resources=schedule.worker_resources(spec),
-        )
 
 
 def _progress(total: int, *, enabled: bool) -> Any:

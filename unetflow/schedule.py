@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -51,9 +52,9 @@ def open_client(spec: ClusterSpec, *, log_directory: str | None = None) -> Itera
     import dask
     from distributed import Client
 
-    settings = {"distributed.scheduler.allowed-failures": max(1, spec.retries), **WORKER_DASK_CONFIG}
+    settings = {"distributed.scheduler.allowed-failures": max(1, spec.retries), **worker_dask_config()}
     if spec.kind == "address":
-        with dask.config.set(settings), Client(spec.address, timeout="30s") as client:
+        with dask.config.set(settings), contextlib.closing(Client(spec.address, timeout="30s", set_as_default=False)) as client:
             yield client
         return
     with dask.config.set(settings), worker_environ():
@@ -61,10 +62,62 @@ def open_client(spec: ClusterSpec, *, log_directory: str | None = None) -> Itera
             cluster = _jobqueue_cluster(spec, log_directory=log_directory)
         else:
             cluster = _gpu_cluster(spec) if spec.gpus else _cpu_cluster(spec)
-        with cluster, Client(cluster) as client:
+        # not the default client: a default is bound to the thread that made it, and a
+        # Dispatcher starts the cluster in one thread and closes it in another
+        with cluster, contextlib.closing(Client(cluster, set_as_default=False)) as client:
             wait = (1, spec.wait_timeout) if spec.is_jobqueue else (expected_workers(spec), 120)
             client.wait_for_workers(wait[0], timeout=wait[1])
             yield client
+
+
+class Dispatcher:
+    """Runs a segmentation's blocks: in this process (``inline``) or on one Dask cluster
+    that lives as long as the run (as a context manager; :meth:`close` is idempotent).
+
+    ``dispatcher(fn, job, block_ids, on_result=...)`` returns the failures (see
+    :func:`run_blocks`). :meth:`start` begins opening the cluster in a background thread,
+    so the cluster and its workers (which import torch, about 1.5 s) start while the driver
+    does other work; the first dispatch waits for it. Without :meth:`start` the first
+    dispatch opens the cluster; a run with no blocks to do opens none.
+    """
+
+    def __init__(self, spec: ClusterSpec, *, log_directory: str | None = None) -> None:
+        self.spec = spec
+        self.log_directory = log_directory
+        self._stack = contextlib.ExitStack()
+        self._client: Future[Any] | None = None
+
+    def start(self) -> None:
+        """Begin opening the cluster in a background thread (nothing inline or when started)."""
+        if self.spec.kind == "inline" or self._client is not None:
+            return
+        pool = ThreadPoolExecutor(1, thread_name_prefix="unetflow-cluster-start")
+        self._client = pool.submit(self._stack.enter_context, open_client(self.spec, log_directory=self.log_directory))
+        pool.shutdown(wait=False)
+
+    def __call__(self, fn: Callable[[Any, int], Any], job: Any, block_ids: Sequence[int], *, on_result: Callable[[Any], None]) -> list[BlockFailure]:
+        if self.spec.kind == "inline" or not block_ids:
+            return run_inline(fn, job, block_ids, on_result=on_result)
+        self.start()
+        assert self._client is not None
+        return run_blocks(
+            self._client.result(), fn, job, block_ids, on_result=on_result, max_in_flight=2 * expected_workers(self.spec),
+            retries=self.spec.retries, resources=worker_resources(self.spec),
+        )
+
+    def close(self) -> None:
+        """Stop the cluster (after its start, when one is still under way: it cannot be interrupted)."""
+        if self._client is not None:
+            with contextlib.suppress(Exception):  # a failed start was raised to whoever dispatched
+                self._client.result()
+            self._client = None
+        self._stack.close()
+
+    def __enter__(self) -> "Dispatcher":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def expected_workers(spec: ClusterSpec) -> int:
@@ -193,6 +246,18 @@ WORKER_DASK_CONFIG = {
     "distributed.admin.system-monitor.interval": "2s",
 }
 
+# The preload every worker of a unetflow cluster runs at its start (imports torch and the
+# block code before the first block arrives: see unetflow/worker.py).
+WORKER_PRELOAD = "unetflow.worker"
+
+
+def worker_dask_config() -> dict[str, Any]:
+    """:data:`WORKER_DASK_CONFIG` plus :data:`WORKER_PRELOAD` added to the user's own preloads."""
+    import dask
+
+    preload = list(dask.config.get("distributed.worker.preload", None) or [])
+    return {**WORKER_DASK_CONFIG, "distributed.worker.preload": preload + [WORKER_PRELOAD] * (WORKER_PRELOAD not in preload)}
+
 
 def worker_env() -> dict[str, str]:
     """Environment variables unetflow sets for the worker processes it starts."""
@@ -200,11 +265,11 @@ def worker_env() -> dict[str, str]:
 
 
 def job_env() -> dict[str, str]:
-    """:func:`worker_env` plus :data:`WORKER_DASK_CONFIG` as ``DASK_*`` variables, for batch
+    """:func:`worker_env` plus :func:`worker_dask_config` as ``DASK_*`` variables, for batch
     jobs: a local cluster's nannies hand the driver's Dask config to their workers, a
     batch job's worker reads its own."""
     env = worker_env()
-    for key, value in WORKER_DASK_CONFIG.items():
+    for key, value in worker_dask_config().items():
         env["DASK_" + key.upper().replace(".", "__").replace("-", "_")] = str(value)
     return env
 
@@ -293,7 +358,7 @@ def run_blocks(
             retries=retries or None, resources=resources,
         )
 
-    futures = as_completed([submit(b) for _, b in zip(range(limit), pending)], with_results=False)
+    futures = as_completed([submit(b) for _, b in zip(range(limit), pending)], loop=client.loop, with_results=False)
     for future in futures:
         try:
             result = future.result()
