@@ -205,7 +205,7 @@ def run_map_overlap_z64(case: Case) -> dict[str, Any]:
 def run_unetflow(case: Case) -> dict[str, Any]:
     """``unetflow segment INPUT OUTPUT --workers N`` at its defaults (patch and overlap as given)."""
     from unetflow.config import ClusterSpec, OutputSettings, RunConfig, TilingSpec
-    from unetflow.infer import CheckpointSource
+    from unetflow.model.predictor import CheckpointSource
     from unetflow.run import segment
 
     gpu = case.device.startswith("cuda")

@@ -165,7 +165,7 @@ class TilingSpec:
     halo: tuple[int, ...] | None = None
     allow_small_halo: bool = False
     mirror: str = "reflect"
-    batch_size: int = 0  # 0: chosen from the device (infer.auto_batch_size)
+    batch_size: int = 0  # 0: chosen from the device (model.predictor.auto_batch_size)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mirror", choose(self.mirror, MIRRORS, what="mirror mode"))

@@ -22,7 +22,8 @@ import unetflow
 from unetflow import resume, schedule, store
 from unetflow.config import RunConfig, parse_shape, to_dict
 from unetflow.errors import BlockFailedError, ConfigError, OutputExistsError, ShapeError
-from unetflow.infer import BlockJob, BlockResult, CheckpointSource, NetInfo, OutputSpec, net_info, norm_stats, run_block
+from unetflow.infer import BlockJob, BlockResult, OutputSpec, norm_stats, run_block
+from unetflow.model.predictor import CheckpointSource, NetInfo, net_info
 from unetflow.plan import Plan, make_tiling
 
 log = logging.getLogger(__name__)

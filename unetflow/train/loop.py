@@ -20,7 +20,8 @@ import torch
 from unetflow.config import ModelSpec, TrainSpec
 from unetflow.errors import ConfigError, InputNotFoundError
 from unetflow.geometry import Box
-from unetflow.infer import Predictor, pick_device, predict_array
+from unetflow.infer import predict_array
+from unetflow.model.predictor import Predictor, pick_device
 from unetflow.model.checkpoint import load_checkpoint, save_checkpoint
 from unetflow.model.unet import UNet
 from unetflow.plan import make_tiling
