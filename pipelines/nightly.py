@@ -8,7 +8,9 @@ run settings (the sections of a ``--config`` file). Each input runs with ``--res
 semantics: finished outputs are skipped block by block (no block is computed twice),
 an interrupted one is finished, and one made with other settings or another model is
 reported as failed rather than touched. One failing input does not stop the others.
-At the end a JSON summary is written and the exit code is 1 if anything failed.
+All inputs run on one cluster, started once (a batch system queues its jobs once a
+night, not once an input). At the end a JSON summary is written and the exit code is 1
+if anything failed.
 
 Config keys::
 
@@ -25,6 +27,7 @@ Python source such as the test oracle ``unetflow.model.testing:ScaleNetSource``.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib
 import json
@@ -32,6 +35,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +71,6 @@ def model_source(cfg: dict[str, Any]) -> Any:
 
 def run_nightly(path: str) -> tuple[int, dict[str, Any]]:
     """Run every input of the config at *path*; return (exit code, summary)."""
-    from unetflow import run
-
     cfg = load_yaml(path)
     for key in ("inputs", "outputs"):
         if key not in cfg:
@@ -79,25 +81,10 @@ def run_nightly(path: str) -> tuple[int, dict[str, Any]]:
     suffix = str(cfg.get("output_suffix", "_pred.zarr"))
     summary_path = cfg.get("summary") or os.path.join(outputs, "nightly-summary.json")
     inputs = cfg["inputs"] if isinstance(cfg["inputs"], list) else [cfg["inputs"]]
-    entries = []
     t0 = time.perf_counter()
-    for inp in expand_inputs([str(i) for i in inputs]):
-        out = output_for(inp, outputs, suffix)
-        entry: dict[str, Any] = {"input": inp, "output": out}
-        t1 = time.perf_counter()
-        try:
-            config = run_config_from_mapping(cfg.get("settings", {}), input=inp, output=out, model=model, resume=True)
-            report = run.segment(config, source=source, progress=False)
-            entry["status"] = "done" if report.blocks_done else "skipped"
-            entry["blocks_done"], entry["blocks_skipped"] = report.blocks_done, report.blocks_skipped
-        except UnetflowError as err:
-            entry["status"], entry["error"] = "failed", one_line(str(err))
-        except Exception as err:  # an unexpected bug in one input must not stop the others
-            log.exception("input %s failed unexpectedly", inp)
-            entry["status"], entry["error"] = "failed", f"{type(err).__name__}: {one_line(str(err))}"
-        entry["seconds"] = round(time.perf_counter() - t1, 3)
-        log.info(json.dumps({"event": "nightly_input", **entry}))
-        entries.append(entry)
+    with contextlib.ExitStack() as stack:
+        night = Night(cfg, model, source, outputs, suffix, stack)
+        entries = [night.run_input(inp) for inp in expand_inputs([str(i) for i in inputs])]
     failed = [e["input"] for e in entries if e["status"] == "failed"]
     summary = {
         "config": os.path.abspath(path),
@@ -111,6 +98,44 @@ def run_nightly(path: str) -> tuple[int, dict[str, Any]]:
     Path(summary_path).write_text(json.dumps(summary, indent=1))
     return (1 if failed or not entries else 0), summary
 
+
+
+@dataclass
+class Night:
+    """The inputs of one night share one cluster (on a batch system, one set of jobs that
+    queue once): the first input that reaches the blocks opens it, the others reuse it."""
+
+    cfg: dict[str, Any]
+    model: str
+    source: Any
+    outputs: str
+    suffix: str
+    stack: contextlib.ExitStack
+    dispatch: Any = None
+
+    def run_input(self, inp: str) -> dict[str, Any]:
+        """One input with ``--resume`` semantics; a failure is recorded, not raised."""
+        from unetflow import run, schedule
+
+        out = output_for(inp, self.outputs, self.suffix)
+        entry: dict[str, Any] = {"input": inp, "output": out}
+        t1 = time.perf_counter()
+        try:
+            config = run_config_from_mapping(self.cfg.get("settings", {}), input=inp, output=out, model=self.model, resume=True)
+            if self.dispatch is None:  # batch job logs go to <outputs>/.nightly-logs (local clusters write none)
+                logs = os.path.join(self.outputs, ".nightly-logs")
+                self.dispatch = self.stack.enter_context(schedule.Dispatcher(config.cluster, log_directory=logs))
+            report = run.segment(config, source=self.source, progress=False, dispatch=self.dispatch)
+            entry["status"] = "done" if report.blocks_done else "skipped"
+            entry["blocks_done"], entry["blocks_skipped"] = report.blocks_done, report.blocks_skipped
+        except UnetflowError as err:
+            entry["status"], entry["error"] = "failed", one_line(str(err))
+        except Exception as err:  # an unexpected bug in one input must not stop the others
+            log.exception("input %s failed unexpectedly", inp)
+            entry["status"], entry["error"] = "failed", f"{type(err).__name__}: {one_line(str(err))}"
+        entry["seconds"] = round(time.perf_counter() - t1, 3)
+        log.info(json.dumps({"event": "nightly_input", **entry}))
+        return entry
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv

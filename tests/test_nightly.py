@@ -56,3 +56,29 @@ def test_nightly_two_done_one_broken_then_nothing_to_redo(tmp_path):
     assert summary["counts"] == {"done": 0, "skipped": 2, "failed": 1}
     assert all(e["blocks_done"] == 0 for e in summary["inputs"] if e["status"] == "skipped")
     assert {n: RunDir(str(tmp_path / "pred" / f"{n}_pred.zarr")).markers() for n in data} == markers
+
+
+def test_nightly_inputs_share_one_cluster(tmp_path):
+    """Two inputs on a local cluster: one worker process computed both (the cluster
+    started once), and both outputs are exact."""
+    incoming = tmp_path / "incoming"
+    data = {name: random_image((10, 12, 9), seed=i) for i, name in enumerate(("a", "b"))}
+    for name, arr in data.items():
+        write_zarr(incoming / f"{name}.zarr", arr)
+    config = tmp_path / "nightly.yaml"
+    config.write_text(textwrap.dedent(f"""
+        model_source: {{factory: "unetflow.model.testing:ScaleNetSource", args: {{factor: 2.0}}}}
+        inputs: ["{incoming}/*.zarr"]
+        outputs: {tmp_path / "pred"}
+        settings:
+          cluster: {{kind: local, workers: 1}}
+          tiling: {{block_shape: "8,8,8", patch_shape: "4,4,4"}}
+    """))
+    done = nightly(config)
+    assert done.returncode == 0, done.stderr
+    workers = []
+    for name, arr in data.items():
+        out = tmp_path / "pred" / f"{name}_pred.zarr"
+        np.testing.assert_array_equal(zarr.open_array(str(out))[0], 2.0 * arr)
+        workers.append(set(json.loads((out / ".unetflow" / "report.json").read_text())["workers"]))
+    assert len(workers[0]) == 1 and workers[0] == workers[1]

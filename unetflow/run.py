@@ -238,12 +238,18 @@ def output_attributes(p: Prepared, stats: Sequence[Sequence[float]]) -> dict[str
     }
 
 
-def segment(config: RunConfig, *, source: Any = None, progress: bool = True) -> RunReport:
+def segment(config: RunConfig, *, source: Any = None, progress: bool = True, dispatch: schedule.Dispatcher | None = None) -> RunReport:
     """Run a whole segmentation: check, plan, create the output, run every block, report.
 
     With ``config.resume`` (or ``config.part``) an existing output made with the same
     settings and model is finished: blocks with a done marker are skipped. The run
     holds the output's lock throughout and writes ``<output>/.unetflow/report.json``.
+
+    *dispatch*: a :class:`schedule.Dispatcher` to run the blocks on, shared by several
+    runs (the nightly pipeline keeps one cluster, and its batch jobs, for all its
+    inputs). The run leaves it open, except after a failure, when blocks may still be
+    running: then it is closed (a later dispatch starts a new cluster). By default the
+    run opens its own and closes it before it releases the output's lock.
 
     Raises
     ------
@@ -261,17 +267,20 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True) -> 
             "components in one run); run without them, or resume --output labels/probabilities"
         )
     run_dir = resume.RunDir(config.output)
-    with schedule.Dispatcher(config.cluster, log_directory=str(run_dir.log_dir)) as dispatch:
+    own = dispatch is None
+    with schedule.Dispatcher(config.cluster, log_directory=str(run_dir.log_dir)) if own else contextlib.nullcontext(dispatch) as d:
         if start_cluster_early(config):
-            dispatch.start()  # the cluster starts while the input statistics are sampled
-        failures, block_ids = _segment(p, report, run_dir, dispatch, progress=progress)
+            d.start()  # the cluster starts while the input statistics are sampled
+        failures, block_ids = _segment(p, report, run_dir, d, progress=progress, close=own)
     if failures:
         raise BlockFailedError(failure_message(report.failures, len(block_ids), config.output))
     return report
 
 
-def _segment(p: Prepared, report: RunReport, run_dir: resume.RunDir, dispatch: schedule.Dispatcher, *, progress: bool) -> tuple[list[Any], list[int]]:
-    """:func:`segment` from the input statistics on: claim the output, run the blocks, report."""
+def _segment(p: Prepared, report: RunReport, run_dir: resume.RunDir, dispatch: schedule.Dispatcher, *, progress: bool,
+             close: bool) -> tuple[list[Any], list[int]]:
+    """:func:`segment` from the input statistics on: claim the output, run the blocks, report.
+    The cluster stops before the lock goes: always when *close*, else after a failure."""
     config = p.config
     array = store.open_input(config.input, level=config.level)
     stats = norm_stats(store.sample_voxels(array, layout=p.layout), p.norm)
@@ -285,7 +294,7 @@ def _segment(p: Prepared, report: RunReport, run_dir: resume.RunDir, dispatch: s
             log.info("resuming: %d of %d blocks already done, %d to do", report.blocks_skipped, len(block_ids), len(todo))
         job = make_job(p, stats)
         t0 = time.perf_counter()
-        with contextlib.closing(dispatch), _progress(len(todo), enabled=progress) as bar:  # the cluster stops before the lock goes
+        with contextlib.closing(dispatch) if close else _closed_on_error(dispatch), _progress(len(todo), enabled=progress) as bar:
             def on_result(outcome: Any) -> None:
                 result = outcome.result
                 report.results.append(result)
@@ -313,6 +322,15 @@ def _segment(p: Prepared, report: RunReport, run_dir: resume.RunDir, dispatch: s
             finished.touch()
         resume.write_json(run_dir.report_file(config.part), report_dict(p, report, ident, len(block_ids)))
     return failures, block_ids
+
+
+@contextlib.contextmanager
+def _closed_on_error(dispatch: schedule.Dispatcher) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        dispatch.close()  # blocks of this run may still be running: they must stop before the lock goes
+        raise
 
 
 def start_cluster_early(config: RunConfig) -> bool:

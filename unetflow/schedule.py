@@ -106,12 +106,14 @@ class Dispatcher:
         )
 
     def close(self) -> None:
-        """Stop the cluster (after its start, when one is still under way: it cannot be interrupted)."""
+        """Stop the cluster (after its start, when one is still under way: it cannot be
+        interrupted). A later dispatch starts a new one."""
         if self._client is not None:
             with contextlib.suppress(Exception):  # a failed start was raised to whoever dispatched
                 self._client.result()
             self._client = None
-        self._stack.close()
+        stack, self._stack = self._stack, contextlib.ExitStack()
+        stack.close()
 
     def __enter__(self) -> "Dispatcher":
         return self
