@@ -169,3 +169,21 @@ def test_dispatcher_starts_the_cluster_in_the_background_and_closes_once(tmp_pat
 def _double(job, block_id):
     return 2 * block_id + job
 
+
+
+def test_cluster_starts_early_only_for_a_fresh_output_on_a_cluster_that_does_not_write_into_it(tmp_path):
+    from unetflow import schedule
+
+    def cfg(out="new.zarr", **kw):
+        base = dict(input="in.zarr", output=str(tmp_path / out), model="m.pt", cluster=ClusterSpec(kind="local", workers=1))
+        return RunConfig(**{**base, **kw})
+
+    (tmp_path / "old.zarr").mkdir()
+    assert schedule.starts_early(cfg())
+    assert schedule.starts_early(cfg("old.zarr", output_settings=OutputSettings(overwrite=True)))
+    assert not schedule.starts_early(cfg("old.zarr"))  # refused (exists) or --resume: no cluster for that
+    assert not schedule.starts_early(cfg(resume=True))
+    assert not schedule.starts_early(cfg(part="1/2"))
+    assert not schedule.starts_early(cfg(dry_run=True))
+    assert not schedule.starts_early(cfg(cluster=ClusterSpec(kind="inline")))
+    assert not schedule.starts_early(cfg(cluster=ClusterSpec(kind="slurm")))  # its job logs go into the output

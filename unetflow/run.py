@@ -269,7 +269,7 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True, dis
     run_dir = resume.RunDir(config.output)
     own = dispatch is None
     with schedule.Dispatcher(config.cluster, log_directory=str(run_dir.log_dir)) if own else contextlib.nullcontext(dispatch) as d:
-        if start_cluster_early(config):
+        if schedule.starts_early(config):
             d.start()  # the cluster starts while the input statistics are sampled
         failures, block_ids = _segment(p, report, run_dir, d, progress=progress, close=own)
     if failures:
@@ -331,16 +331,6 @@ def _closed_on_error(dispatch: schedule.Dispatcher) -> Iterator[None]:
     except BaseException:
         dispatch.close()  # blocks of this run may still be running: they must stop before the lock goes
         raise
-
-
-def start_cluster_early(config: RunConfig) -> bool:
-    """Whether the cluster may start before the output is claimed: a new output (or an
-    ``--overwrite``), where every block is to do, on a cluster that does not write into
-    the output (a batch job's logs go there, and ``--overwrite`` deletes it first)."""
-    c = config.cluster
-    if c.kind == "inline" or c.is_jobqueue or config.resume or config.part is not None:
-        return False
-    return config.output_settings.overwrite or not os.path.exists(config.output)
 
 
 @contextlib.contextmanager

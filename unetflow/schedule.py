@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-from unetflow.config import ClusterSpec
+from unetflow.config import ClusterSpec, RunConfig
 from unetflow.errors import BlockFailedError, UnetflowError
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,16 @@ class Dispatcher:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def starts_early(config: RunConfig) -> bool:
+    """Whether a run's cluster may start before its output is claimed: a new output (or an
+    ``--overwrite``), where every block is to do, on a cluster that does not write into
+    the output (a batch job's logs go there, and ``--overwrite`` deletes it first)."""
+    c = config.cluster
+    if config.dry_run or c.kind == "inline" or c.is_jobqueue or config.resume or config.part is not None:
+        return False
+    return config.output_settings.overwrite or not os.path.exists(config.output)
 
 
 def expected_workers(spec: ClusterSpec) -> int:
