@@ -28,23 +28,31 @@ def bundled_model() -> str:
 
 
 def run_demo(out_dir: str, shape: tuple[int, ...], *, workers: int = 2, seed: int = 1) -> dict[str, Any]:
-    """Run the demo in *out_dir*; return the scores and the paths written."""
-    from unetflow.evaluate import evaluate
-    from unetflow.run import segment
-    from unetflow.sample import write_sample
+    """Run the demo in *out_dir*; return the scores and the paths written.
+
+    The cluster starts first, so its workers import torch while this process writes
+    the sample and imports torch itself."""
+    from unetflow import schedule
 
     t0 = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     sample_path = os.path.join(out_dir, "sample.zarr")
     pred_path = os.path.join(out_dir, "pred.zarr")
-    write_sample(sample_path, tuple(shape), seed=seed, overwrite=True)
     config = RunConfig(
         input=f"{sample_path}/raw", output=pred_path, model=bundled_model(),
         tiling=TilingSpec(block_shape=_demo_block(shape)),
         output_settings=OutputSettings(kind="instances", chunk_shape=_demo_block(shape), overwrite=True),
         cluster=ClusterSpec(kind="local", workers=workers),
     )
-    report = segment(config)
+    with schedule.Dispatcher(config.cluster) as dispatch:
+        dispatch.start()
+        from unetflow.run import segment
+        from unetflow.sample import write_sample
+
+        write_sample(sample_path, tuple(shape), seed=seed, overwrite=True)
+        report = segment(config, dispatch=dispatch)
+    from unetflow.evaluate import evaluate
+
     labels = store.open_input(pred_path)[...]
     truth = store.open_input(f"{sample_path}/labels")[...]
     scores = evaluate(labels, truth)
