@@ -238,16 +238,13 @@ def _jobqueue_cluster(spec: ClusterSpec, *, log_directory: str | None = None) ->
 
 
 # glibc malloc settings for worker processes (read by glibc at process start). Arrays of
-# 16 MiB and more (rows of patches, accumulator planes, output planes) get their own
+# 4 MiB and more (activations, rows of patches, accumulator planes) get their own
 # mappings, returned to the OS when freed, so the heap does not fragment block after
 # block and a worker's peak memory stays flat however many blocks it runs; those
-# mappings use transparent huge pages (madvise). A fixed threshold also stops glibc from
-# raising it (to 32 MiB) as large arrays are freed, which is what let the heap fragment.
-# 16 MiB rather than 4 MiB: the model's 8 MiB activations then come from the heap and are
-# reused instead of being mapped and faulted in afresh at every forward pass (half the
-# page faults, about 15 ms less system time per 64^3 patch; BENCHMARKS.md). A
-# GLIBC_TUNABLES that the user set wins; glibc < 2.35 ignores the hugetlb tunable.
-WORKER_MALLOC_TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=16777216"
+# mappings use transparent huge pages (madvise), which also makes the model's large
+# buffers cheaper to fault in (measured in BENCHMARKS.md). A GLIBC_TUNABLES that the
+# user set wins; glibc < 2.35 ignores the hugetlb tunable.
+WORKER_MALLOC_TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4194304"
 
 # Dask settings for the clusters unetflow starts. A worker's periodic housekeeping (the
 # statistical profiler every 10 ms, the event-loop tick every 20 ms, the memory monitor
