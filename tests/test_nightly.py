@@ -23,22 +23,28 @@ def nightly(config):
     return subprocess.run([sys.executable, str(ROOT / "pipelines" / "nightly.py"), str(config)], env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_nightly_two_done_one_broken_then_nothing_to_redo(tmp_path):
+def two_inputs_and_config(tmp_path, cluster):
+    """incoming/a.zarr and b.zarr (random), and a nightly config doubling them on *cluster*."""
     incoming = tmp_path / "incoming"
     data = {name: random_image((10, 12, 9), seed=i) for i, name in enumerate(("a", "b"))}
     for name, arr in data.items():
         write_zarr(incoming / f"{name}.zarr", arr)
-    (incoming / "c.zarr").mkdir(parents=True)
-    (incoming / "c.zarr" / "zarr.json").write_text("{ not json")  # the broken one
     config = tmp_path / "nightly.yaml"
     config.write_text(textwrap.dedent(f"""
         model_source: {{factory: "unetflow.model.testing:ScaleNetSource", args: {{factor: 2.0}}}}
         inputs: ["{incoming}/*.zarr"]
         outputs: {tmp_path / "pred"}
         settings:
-          cluster: inline
+          cluster: {cluster}
           tiling: {{block_shape: "8,8,8", patch_shape: "4,4,4"}}
     """))
+    return incoming, data, config
+
+
+def test_nightly_two_done_one_broken_then_nothing_to_redo(tmp_path):
+    incoming, data, config = two_inputs_and_config(tmp_path, "inline")
+    (incoming / "c.zarr").mkdir(parents=True)
+    (incoming / "c.zarr" / "zarr.json").write_text("{ not json")  # the broken one
     first = nightly(config)
     assert first.returncode == 1, first.stderr
     summary = json.loads((tmp_path / "pred" / "nightly-summary.json").read_text())
@@ -61,19 +67,7 @@ def test_nightly_two_done_one_broken_then_nothing_to_redo(tmp_path):
 def test_nightly_inputs_share_one_cluster(tmp_path):
     """Two inputs on a local cluster: one worker process computed both (the cluster
     started once), and both outputs are exact."""
-    incoming = tmp_path / "incoming"
-    data = {name: random_image((10, 12, 9), seed=i) for i, name in enumerate(("a", "b"))}
-    for name, arr in data.items():
-        write_zarr(incoming / f"{name}.zarr", arr)
-    config = tmp_path / "nightly.yaml"
-    config.write_text(textwrap.dedent(f"""
-        model_source: {{factory: "unetflow.model.testing:ScaleNetSource", args: {{factor: 2.0}}}}
-        inputs: ["{incoming}/*.zarr"]
-        outputs: {tmp_path / "pred"}
-        settings:
-          cluster: {{kind: local, workers: 1}}
-          tiling: {{block_shape: "8,8,8", patch_shape: "4,4,4"}}
-    """))
+    _, data, config = two_inputs_and_config(tmp_path, "{kind: local, workers: 1}")
     done = nightly(config)
     assert done.returncode == 0, done.stderr
     workers = []
