@@ -252,16 +252,14 @@ def main(argv: list[str] | None = None) -> None:
     jobs.append(("unetflow_1", "unetflow", case(s, "uf1"), False))
     if not gpu:
         jobs.append((f"unetflow_{args.workers}", "unetflow", case(s, f"uf{args.workers}", args.workers), False))
-    compare: dict[str, dict[str, Any]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
     for round_ in range(args.repeat):  # rounds, so that drifting load hits every method alike
         print(f"round {round_ + 1} of {args.repeat}", flush=True)
         for key, method, c, malloc in jobs:
-            r = run_one(method, c, gpu=gpu, malloc=malloc)
-            r["all_seconds"] = compare.get(key, {}).get("all_seconds", []) + [round(r["seconds"], 2)]
-            if key not in compare or r["seconds"] < compare[key]["seconds"]:
-                compare[key] = r
-            else:
-                compare[key]["all_seconds"] = r["all_seconds"]
+            runs.setdefault(key, []).append(run_one(method, c, gpu=gpu, malloc=malloc))
+    compare = {  # each method's fastest run, with every run's seconds
+        key: {**min(rs, key=lambda r: r["seconds"]), "all_seconds": [round(r["seconds"], 2) for r in rs]} for key, rs in runs.items()
+    }
 
     growth = []
     for scale in scales:

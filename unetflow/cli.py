@@ -165,9 +165,8 @@ def _segment(config: Any, *, progress: bool) -> Any:
     from unetflow import schedule
     from unetflow.resume import RunDir
 
-    with schedule.Dispatcher(config.cluster, log_directory=str(RunDir(config.output).log_dir)) as dispatch:
-        if schedule.starts_early(config) and os.path.exists(config.input) and os.path.exists(config.model):
-            dispatch.start()
+    files = os.path.exists(config.input) and os.path.exists(config.model)
+    with schedule.Dispatcher.for_run(config, log_directory=str(RunDir(config.output).log_dir), start=files) as dispatch:
         from unetflow import run
 
         return run.segment(config, progress=progress, dispatch=dispatch)

@@ -44,8 +44,7 @@ def run_demo(out_dir: str, shape: tuple[int, ...], *, workers: int = 2, seed: in
         output_settings=OutputSettings(kind="instances", chunk_shape=_demo_block(shape), overwrite=True),
         cluster=ClusterSpec(kind="local", workers=workers),
     )
-    with schedule.Dispatcher(config.cluster) as dispatch:
-        dispatch.start()
+    with schedule.Dispatcher.for_run(config) as dispatch:
         from unetflow.run import segment
         from unetflow.sample import write_sample
 

@@ -270,7 +270,7 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True, dis
     own = dispatch is None
     with schedule.Dispatcher(config.cluster, log_directory=str(run_dir.log_dir)) if own else contextlib.nullcontext(dispatch) as d:
         if schedule.starts_early(config):
-            d.start()  # the cluster starts while the input statistics are sampled
+            d.start()  # the cluster starts while the input statistics are sampled (a no-op when started already)
         failures, block_ids = _segment(p, report, run_dir, d, progress=progress, close=own)
     if failures:
         raise BlockFailedError(failure_message(report.failures, len(block_ids), config.output))

@@ -87,6 +87,15 @@ class Dispatcher:
         self._stack = contextlib.ExitStack()
         self._client: Future[Any] | None = None
 
+    @classmethod
+    def for_run(cls, config: RunConfig, *, log_directory: str | None = None, start: bool = True) -> "Dispatcher":
+        """The dispatcher of one run, already starting its cluster when *start* and
+        :func:`starts_early` allow it (otherwise its first dispatch starts it)."""
+        dispatch = cls(config.cluster, log_directory=log_directory)
+        if start and starts_early(config):
+            dispatch.start()
+        return dispatch
+
     def start(self) -> None:
         """Begin opening the cluster in a background thread (nothing inline or when started)."""
         if self.spec.kind == "inline" or self._client is not None:
