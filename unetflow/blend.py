@@ -8,6 +8,7 @@ block computed it.
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Sequence
 
@@ -44,6 +45,9 @@ def window(shape: tuple[int, ...], kind: str, sigma_scale: float = 0.125) -> np.
     out = w.astype(np.float32)
     out.setflags(write=False)
     return out
+
+
+SLAB_ELEMENTS = 2**16  # float64 products per slab in Accumulator.add: 512 KiB, cache-sized
 
 
 class Accumulator:
@@ -93,16 +97,24 @@ class Accumulator:
         w = weights[src[1:]]
         if w.dtype != np.float64:
             w = w.astype(np.float64)
-        # the product in a scratch buffer kept between patches (a new 4 MiB array per
-        # patch would be mapped and faulted in afresh each time), then summed in place
-        product = self._scratch(part.shape)
-        np.multiply(prediction[src], w, out=product)
+        pred = prediction[src]
         values = self.values[(slice(None),) + dst]
-        np.add(values, product, out=values)
-        self.weights[dst] += w
+        sums = self.weights[dst]
+        # slab by slab along the first axis, so that each slab's product stays in the
+        # cache between its multiply and its add (one pass over a 4 MiB product went to
+        # memory and back: 1.6-2.0 ms per 64^3 patch, 1.1 ms in slabs). Every voxel still
+        # gets the same operations in the same order: the same bits.
+        planes = max(1, SLAB_ELEMENTS // (values.shape[0] * math.prod(part.shape[1:])))
+        product = self._scratch((min(planes, part.shape[0]), *part.shape[1:]))
+        for z in range(0, part.shape[0], planes):
+            n = min(planes, part.shape[0] - z)
+            slab = product[:, :n]
+            np.multiply(pred[:, z : z + n], w[z : z + n], out=slab)
+            np.add(values[:, z : z + n], slab, out=values[:, z : z + n])
+            np.add(sums[z : z + n], w[z : z + n], out=sums[z : z + n])
 
     def _scratch(self, shape: tuple[int, ...]) -> np.ndarray:
-        """A float64 (K, *shape) work array, a view of one buffer that grows to the largest tile."""
+        """A float64 (K, *shape) work array, a view of one buffer that grows to the largest slab."""
         need = (self.values.shape[0], *shape)
         cell = self._scratch_cell
         if not cell or any(n > b for n, b in zip(need, cell[0].shape)):
@@ -125,7 +137,8 @@ class Accumulator:
             return self.values
         if self.weights.min() <= 0:
             raise RuntimeError(f"write box {self.write_box} has voxels no patch covered")
-        return (self.values / self.weights).astype(np.float32)
+        # divided in float64 and rounded once into the float32 result: no float64 temporary
+        return np.divide(self.values, self.weights, out=np.empty(self.values.shape, np.float32), casting="same_kind")
 
 
 @lru_cache(maxsize=16)

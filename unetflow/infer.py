@@ -193,7 +193,7 @@ def _convert_values(values: np.ndarray, output: OutputSpec) -> np.ndarray:
         return values.argmax(axis=0).astype(output.dtype)
     if output.dtype == "uint8":
         return np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
-    return values.astype(output.dtype)
+    return values.astype(output.dtype, copy=False)
 
 
 def run_block(job: BlockJob, block_id: int) -> BlockResult:
