@@ -168,17 +168,17 @@ def compare_table(results: dict[str, dict[str, Any]], floor_s: float, workers: i
         "floor": lambda r: f"{r['patches']} patches of the global grid, batch {r['batch_size']}, {r.get('threads') or 'default'} torch thread(s), data in memory",
         "floor_lanes": lambda r: f"the same, {r['lanes']} patches side by side, 1 torch thread each",
         "floor_lanes_malloc": lambda r: "floor, lanes, started with unetflow's worker malloc settings",
-        "monai_malloc": lambda r: "monai, started with unetflow's worker malloc settings" + _util(r),
         "map_overlap_malloc": lambda r: "map_overlap, started with unetflow's worker malloc settings" + _util(r),
         "monai": lambda r: "sliding_window_inference, gaussian, Zarr in and out" + _util(r),
         "map_overlap": lambda r: "equal settings: 48^3 chunks + 8 halo = one 64^3 patch per call, no blending, dask threads" + _util(r),
         "map_overlap_z64": lambda r: "the Zarr's 64^3 chunks + 16 halo = 96^3 per call, no blending, dask threads" + _util(r),
         "unetflow_1": lambda r: _uf_note(r),
+        "unetflow_1p": lambda r: _uf_note(r),
         "unetflow_inline": lambda r: _uf_note(r),
         f"unetflow_{workers}": lambda r: _uf_note(r),
     }
-    labels = {"floor_lanes": "floor, lanes", "floor_lanes_malloc": "floor, lanes, malloc", "monai_malloc": "monai, malloc",
-              "map_overlap_malloc": "map_overlap, malloc", "unetflow_inline": "unetflow, --workers 0 (in process)", "unetflow_1": "unetflow, 1 worker (default)", f"unetflow_{workers}": f"unetflow, {workers} workers"}
+    labels = {"floor_lanes": "floor, lanes", "floor_lanes_malloc": "floor, lanes, malloc", "map_overlap_malloc": "map_overlap, malloc", "unetflow_inline": "unetflow, --workers 0 (in process)", "unetflow_1": "unetflow, 1 worker (default: threads of the driver's process)",
+              "unetflow_1p": "unetflow, 1 worker process (--processes)", f"unetflow_{workers}": f"unetflow, {workers} worker processes"}
     for key, r in results.items():
         rows.append(
             f"| {labels.get(key, key)} | {r['seconds']:.2f} | {r['voxels'] / r['seconds']:.3g} | {r['seconds'] / floor_s:.2f} "
@@ -246,11 +246,12 @@ def main(argv: list[str] | None = None) -> None:
         jobs += [("floor_lanes", "floor", lanes, False), ("floor_lanes_malloc", "floor", lanes, True)]
     jobs += [(m, m, case(s, m), False) for m in ("monai", "map_overlap", "map_overlap_z64")]
     # the anchors again with the allocator settings unetflow gives its workers
-    jobs += [(f"{m}_malloc", m, case(s, m), True) for m in ("monai", "map_overlap")]
+    jobs.append(("map_overlap_malloc", "map_overlap", case(s, "map_overlap"), True))
     if not gpu:
         jobs.append(("unetflow_inline", "unetflow", dataclasses.replace(case(s, "ufi"), inline=True, threads=threads), False))
     jobs.append(("unetflow_1", "unetflow", case(s, "uf1"), False))
     if not gpu:
+        jobs.append(("unetflow_1p", "unetflow", dataclasses.replace(case(s, "uf1p"), processes=True), False))
         jobs.append((f"unetflow_{args.workers}", "unetflow", case(s, f"uf{args.workers}", args.workers), False))
     runs: dict[str, list[dict[str, Any]]] = {}
     for round_ in range(args.repeat):  # rounds, so that drifting load hits every method alike

@@ -75,6 +75,22 @@ def test_segment_labels_inline(runner, tmp_path, image3d, model3d):
     assert runner.invoke(main, args + ["--overwrite"]).exit_code == 0
 
 
+@pytest.mark.parametrize("flag", ["--processes", "--threads"])
+def test_segment_processes_flag(runner, tmp_path, image3d, model3d, flag):
+    """One worker runs in this process unless --processes asks for a process of its own."""
+    import json
+    import os
+
+    inp, _ = image3d
+    out = tmp_path / "pred.zarr"
+    args = ["segment", inp, str(out), "--model", model3d, "--block-shape", "16,16,16", "--patch-shape", "8,8,8", "--no-progress", flag]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert zarr.open_array(str(out)).attrs["unetflow"]["config"]["cluster"]["processes"] is (flag == "--processes")
+    workers = json.loads((out / ".unetflow" / "report.json").read_text())["workers"]
+    assert any(name.endswith(f":{os.getpid()}") for name in workers) is (flag == "--threads"), workers
+
+
 def bad_cases(tmp_path, inp, model):
     wrong_ndim = write_zarr(tmp_path / "4d.zarr", np.zeros((2, 2, 4, 4, 4), "u1"))
     two_channels = write_zarr(tmp_path / "c2.zarr", np.zeros((2, 8, 8, 8), "u1"))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import zarr
 
 from conftest import random_image, write_zarr
 from unetflow.config import ClusterSpec, OutputSettings, RunConfig, SkipSpec, TilingSpec
+from unetflow.errors import ConfigError
 from unetflow.geometry import Box
 from unetflow.infer import scale_box
 from unetflow.model.testing import ScaleNet, ScaleNetSource
@@ -116,7 +118,7 @@ def test_local_workers_start_with_unetflow_malloc_settings():
     from unetflow import schedule
 
     expected = os.environ.get("GLIBC_TUNABLES") or schedule.WORKER_MALLOC_TUNABLES
-    with schedule.open_client(ClusterSpec(kind="local", workers=1)) as client:
+    with schedule.open_client(ClusterSpec(kind="local", workers=1, processes=True)) as client:
         env = next(iter(client.run(lambda: {k: os.environ.get(k) for k in ("GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_")}).values()))
         profile = next(iter(client.run(lambda: __import__("dask").config.get("distributed.worker.profile.enabled")).values()))
         loaded = next(iter(client.run(_preloaded).values()))
@@ -130,6 +132,65 @@ def _preloaded() -> dict:
     import sys
 
     return {"infer": "unetflow.infer" in sys.modules, "frozen": gc.get_freeze_count()}
+
+
+def test_one_cpu_worker_runs_in_this_process_several_in_their_own(tmp_path):
+    """The default single CPU worker is dask's threaded worker in the driver's process (no
+    second start of torch); ``processes=True``, or several workers, get a process each.
+    The bytes written are the same."""
+    import os
+
+    from unetflow import schedule
+
+    data = random_image((16, 8, 8))
+    inp = write_zarr(tmp_path / "in.zarr", data)
+    outs = {}
+    for name, spec in {"threads": ClusterSpec(kind="local"), "process": ClusterSpec(kind="local", processes=True)}.items():
+        config = RunConfig(
+            input=inp, output=str(tmp_path / f"{name}.zarr"), model="(oracle)", cluster=spec,
+            tiling=TilingSpec(block_shape=(8, 8, 8), patch_shape=(4, 4, 4)), output_settings=OutputSettings(chunk_shape=(8, 8, 8)),
+        )
+        report = segment(config, source=ScaleNetSource(factor=2.0), progress=False)
+        assert ({r.pid for r in report.results} == {os.getpid()}) == (name == "threads")
+        outs[name] = zarr.open_array(str(tmp_path / f"{name}.zarr"))[:]
+    np.testing.assert_array_equal(outs["threads"], outs["process"])
+    np.testing.assert_array_equal(outs["threads"][0], 2.0 * data.astype(np.float32))
+    assert schedule.computes_here(ClusterSpec(kind="local")) and schedule.computes_here(ClusterSpec(kind="inline"))
+    assert not schedule.computes_here(ClusterSpec(kind="local", workers=2))
+    assert schedule.computes_here(ClusterSpec(kind="local", workers=2, processes=False))
+    assert not schedule.computes_here(ClusterSpec(kind="local", gpus=1))
+    with pytest.raises(ConfigError, match="GPU workers are processes"):
+        ClusterSpec(kind="local", gpus=1, processes=False)
+
+
+def _tune_in_a_new_process(before: str = "", **env: str) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = before + "import json, unetflow.worker as w; print(json.dumps(w.tune_allocator()))"
+    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**environ, **env}, check=True)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def test_tune_allocator_takes_both_settings_or_neither():
+    """A worker in the driver's process gets huge pages for torch's buffers and the 4 MiB
+    mmap threshold, never the threshold alone (without huge pages it slowed the model
+    ~45 %); a GLIBC_TUNABLES already given (worker processes, the user) is left alone."""
+    import pathlib
+
+    mode_file = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not mode_file.exists():
+        pytest.skip("no transparent huge pages on this system")
+    mode = mode_file.read_text().split("[")[1].split("]")[0]
+    fresh = _tune_in_a_new_process()
+    assert fresh == {"huge_pages": mode != "never", "mmap_threshold": mode != "never", "skipped": False}
+    late = _tune_in_a_new_process("import torch; torch.ones(8); ")  # torch read its settings already
+    assert late == {"huge_pages": mode == "always", "mmap_threshold": mode == "always", "skipped": False}
+    given = _tune_in_a_new_process(GLIBC_TUNABLES="glibc.malloc.mmap_threshold=4194304")
+    assert given == {"huge_pages": False, "mmap_threshold": False, "skipped": True}
 
 
 def test_worker_preload_keeps_the_users_own():

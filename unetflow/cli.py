@@ -66,8 +66,9 @@ def _shape(value: str | None, what: str) -> tuple[int, ...] | None:
 @click.argument("input_path", metavar="INPUT")
 @click.argument("output_path", metavar="OUTPUT")
 @click.option("--model", "model", required=True, type=click.Path(dir_okay=False), help="A unetflow checkpoint (.pt): `unetflow model init` or `unetflow train` makes one.")
-@click.option("--workers", type=int, default=1, show_default=True, help="CPU worker processes. 0 runs blocks in this process without Dask (debugging). Each worker holds one block and one model; more workers: more memory.")
-@click.option("--gpus", type=int, default=0, show_default=True, help="One worker per GPU, each pinned with CUDA_VISIBLE_DEVICES. Overrides --workers.")
+@click.option("--workers", type=int, default=1, show_default=True, help="CPU workers. Each holds one block and one model (more workers: more memory) and uses cores/N of the CPU. One worker runs as threads of this process; several get a process each (see --processes). 0 runs blocks in this process without Dask (debugging).")
+@click.option("--gpus", type=int, default=0, show_default=True, help="One worker process per GPU, each pinned with CUDA_VISIBLE_DEVICES. Overrides --workers.")
+@click.option("--processes/--threads", "processes", default=None, help="CPU workers as processes of their own, or as threads of this process [default: threads for one worker, processes for several]. A process costs a second start of torch (~2 s) and its memory, and buys a nanny that restarts a worker past its memory limit, and glibc settings at start.")
 @click.option("--scheduler", default=None, help="Address of a running Dask scheduler (tcp://host:8786) to use instead of starting a cluster.")
 @click.option("--block-shape", default=None, help="Write box per block (default 3-D 512x512 across and, along Z, up to 2048 deep, split so that every worker gets a block; 2-D 4096 across, up to 16384 along Y). A block streams along its first axis, so memory grows with the other axes only (about 1.5 GB per worker at 512x512 planes, see --dry-run). A patch on a block border is computed by both blocks: smaller blocks cost about 1 + patch/block more compute per split axis, but give more blocks to share among workers and a finer unit of --resume. Must be whole output chunks (or shards).")
 @click.option("--patch-shape", default=None, help="Input shape of one forward pass (default 3-D 64^3, 2-D 256^2, fitted to the model). Larger patches: less overlap overhead and blend work, more GPU memory and more re-computed border per block.")
@@ -98,7 +99,7 @@ def _shape(value: str | None, what: str) -> tuple[int, ...] | None:
 @click.option("--resume", is_flag=True, help="Finish an existing output: skip blocks with a done marker, after checking it was made with the same settings and model. Takes over the stale lock of a dead run.")
 @click.option("--part", default=None, help="i/n: compute only every n-th block starting at block i-1; n independent jobs with --part 1/n .. n/n write one output together.")
 @friendly_errors
-def segment(input_path: str, output_path: str, model: str, workers: int, gpus: int, scheduler: str | None, block_shape: str | None,
+def segment(input_path: str, output_path: str, model: str, workers: int, gpus: int, processes: bool | None, scheduler: str | None, block_shape: str | None,
             patch_shape: str | None, chunk_shape: str | None, shard_shape: str | None, blend: str, overlap: float, halo: str | None,
             allow_small_halo: bool, mirror: str, batch_size: int, output_kind: str, interior_threshold: float | None, dtype: str | None, overwrite: bool,
             dry_run: bool, device: str, amp: bool | None, progress: bool, ome: bool, level: int | None, verbose: int,
@@ -130,7 +131,7 @@ def segment(input_path: str, output_path: str, model: str, workers: int, gpus: i
     elif workers == 0 and not gpus:
         cluster = ClusterSpec(kind="inline")
     else:
-        cluster = ClusterSpec(kind="local", workers=max(workers, 1), gpus=gpus)
+        cluster = ClusterSpec(kind="local", workers=max(workers, 1), gpus=gpus, processes=None if gpus else processes)
     config = RunConfig(
         input=input_path, output=output_path, model=model,
         tiling=TilingSpec(block_shape=_shape(block_shape, "block shape"), patch_shape=_shape(patch_shape, "patch shape"), blend=blend, overlap=overlap,
@@ -183,7 +184,7 @@ FLAG_SETTINGS = {
     "resume": "resume", "part": "part",
     "skip_empty": "skip.empty", "skip_threshold": "skip.threshold", "mask": "skip.mask", "compile_": "compile",
 }
-CLUSTER_FLAGS = ("workers", "gpus", "scheduler")
+CLUSTER_FLAGS = ("workers", "gpus", "processes", "scheduler")
 
 
 def _with_config_file(flags: Any, path: str) -> Any:

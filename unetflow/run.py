@@ -25,6 +25,7 @@ from unetflow.errors import BlockFailedError, ConfigError, OutputExistsError, Sh
 from unetflow.infer import BlockJob, BlockResult, OutputSpec, norm_stats, run_block
 from unetflow.model.predictor import CheckpointSource, NetInfo, net_info
 from unetflow.plan import Plan, make_tiling
+from unetflow.worker import tune_allocator
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +258,8 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True, dis
         Bad input or settings (before anything is written), a locked output, or failed
         blocks (after the others finished and the report was written).
     """
+    if not config.dry_run and schedule.computes_here(config.cluster):
+        tune_allocator()  # before this process first allocates for torch (loading the model)
     p = prepare(config, source=source)
     report = RunReport(summary=p.summary())
     if config.dry_run:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from unetflow.config import ClusterSpec, RunConfig
 from unetflow.errors import BlockFailedError, UnetflowError
+from unetflow.worker import MMAP_THRESHOLD
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ def open_client(spec: ClusterSpec, *, log_directory: str | None = None) -> Itera
     """A ``distributed.Client`` for *spec*; starts (and stops) a cluster when it is local.
 
     ``--gpus N`` starts one single-threaded worker per GPU with ``CUDA_VISIBLE_DEVICES``
-    pinned to it (the dask-cuda recipe); ``--workers N`` starts N CPU worker processes.
+    pinned to it (the dask-cuda recipe); ``--workers N`` starts N CPU workers (processes
+    when N > 1, a threaded worker in this process for one: :func:`worker_processes`).
     ``slurm``, ``pbs``, ``lsf``, ``sge`` and ``htcondor`` start a dask-jobqueue cluster
     whose workers are batch jobs (job logs go to *log_directory* unless the spec names one).
     A worker lost mid-block (a cancelled job) has its blocks rerun elsewhere: the
@@ -252,8 +254,9 @@ def _jobqueue_cluster(spec: ClusterSpec, *, log_directory: str | None = None) ->
 # block and a worker's peak memory stays flat however many blocks it runs; those
 # mappings use transparent huge pages (madvise), which also makes the model's large
 # buffers cheaper to fault in (measured in BENCHMARKS.md). A GLIBC_TUNABLES that the
-# user set wins; glibc < 2.35 ignores the hugetlb tunable.
-WORKER_MALLOC_TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4194304"
+# user set wins; glibc < 2.35 ignores the hugetlb tunable. A worker in the driver's
+# process gets the same effects from unetflow.worker.tune_allocator.
+WORKER_MALLOC_TUNABLES = f"glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold={MMAP_THRESHOLD}"
 
 # Dask settings for the clusters unetflow starts. A worker's periodic housekeeping (the
 # statistical profiler every 10 ms, the event-loop tick every 20 ms, the memory monitor
@@ -310,6 +313,24 @@ def worker_environ() -> Iterator[None]:
         yield
 
 
+def worker_processes(spec: ClusterSpec) -> bool:
+    """Whether a local cluster's CPU workers are processes of their own (see
+    :attr:`ClusterSpec.processes`): by default only when there are several.
+
+    One worker gains little from a process but pays for it: a second start of torch
+    (~2 s, the largest fixed cost of a short run: BENCHMARKS.md, issue 6) and a second
+    copy of torch and the model in memory. Threads suit it: torch, numpy, zarr and the
+    compressors release the GIL. Several workers on one machine get a process each, so
+    that each has its own torch threads and allocator.
+    """
+    return spec.processes if spec.processes is not None else spec.workers > 1
+
+
+def computes_here(spec: ClusterSpec) -> bool:
+    """Whether blocks run in this process: ``inline``, or a local CPU cluster of threads."""
+    return spec.kind == "inline" or (spec.kind == "local" and not spec.gpus and not worker_processes(spec))
+
+
 def _cpu_cluster(spec: ClusterSpec) -> Any:
     from distributed import LocalCluster
 
@@ -318,7 +339,7 @@ def _cpu_cluster(spec: ClusterSpec) -> Any:
         **extra,
         n_workers=spec.workers,
         threads_per_worker=max(1, spec.threads) if spec.resources else 1,
-        processes=True,
+        processes=worker_processes(spec),
         memory_limit=spec.memory_limit,
         dashboard_address=":0",  # a free port: never collide with another cluster on 8787
         silence_logs=logging.WARNING,

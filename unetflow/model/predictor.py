@@ -70,6 +70,27 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def torch_huge_pages() -> bool:
+    """Whether torch's large CPU buffers (activations) lie in mappings eligible for
+    transparent huge pages (``THPeligible: 1`` in ``/proc/self/smaps``, checked on a
+    probe buffer): see :func:`unetflow.worker.tune_allocator`."""
+    probe = torch.empty(8 * 2**20, dtype=torch.uint8)
+    address = probe.data_ptr()
+    try:
+        with open("/proc/self/smaps") as smaps:
+            inside = False
+            for line in smaps:
+                head = line.split(maxsplit=1)[0]
+                if "-" in head and not head.endswith(":"):
+                    lo, hi = (int(x, 16) for x in head.split("-"))
+                    inside = lo <= address < hi
+                elif inside and head == "THPeligible:":
+                    return line.split()[1] == "1"
+    except OSError:
+        pass
+    return False
+
+
 class Predictor:
     """A resident network on one device: float32 patches in, activated outputs out.
 
