@@ -1,7 +1,7 @@
 """unetflow benchmark (issue 6): the floor, MONAI, dask map_overlap and unetflow on one
 model, one Zarr input and one patch setting; then unetflow at 1x, 4x and 16x the image.
 
-    python bench/run.py            # CPU, about 16 minutes on 2 cores (2 rounds); writes BENCHMARKS.md
+    python bench/run.py            # CPU, about 15 minutes on 2 cores (2 rounds); writes BENCHMARKS.md
     python bench/run.py --gpu      # the device variant: >= 1 GB image, bf16, GPU utilisation
 
 Every method runs in its own child process (``python bench/run.py _one ...``), so peak

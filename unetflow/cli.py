@@ -157,8 +157,8 @@ def segment(input_path: str, output_path: str, model: str, workers: int, gpus: i
 
 
 def _segment(config: Any, *, progress: bool) -> Any:
-    """``run.segment``, with the cluster starting before this process imports torch: its
-    workers import torch meanwhile (~1.5 s each, side by side). Only where the input and
+    """``run.segment``, with the cluster starting before this process imports torch: worker
+    processes import torch meanwhile (~1.5 s each, side by side). Only where the input and
     the model are files that exist: other mistakes are found, with a cluster already
     starting, by the checks that follow (a second or two later)."""
     import os

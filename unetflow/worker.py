@@ -33,8 +33,9 @@ _LOCK = threading.Lock()
 
 
 def dask_setup(worker: Any) -> None:
-    """Tune the allocator (in the driver's process only), import the block code (and
-    torch) now, then freeze the heap's objects.
+    """Tune the allocator (where the process started without ``GLIBC_TUNABLES``: a worker
+    in the driver's process, or one started by hand), import the block code (and torch)
+    now, then freeze the heap's objects.
 
     - The import costs about 1.5 s on a CPU. Done here, it runs while the worker starts,
       and the driver samples the input statistics meanwhile (the cluster starts in the
