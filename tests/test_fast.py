@@ -163,6 +163,38 @@ def test_one_cpu_worker_runs_in_this_process_several_in_their_own(tmp_path):
         ClusterSpec(kind="local", gpus=1, processes=False)
 
 
+def test_a_failed_or_interrupted_run_stops_its_blocks_in_this_process(tmp_path):
+    """Blocks running in the driver's process stop at their next forward pass when their
+    run fails (a Ctrl-C included), and the next run is not affected."""
+    from unetflow import infer
+    from unetflow.errors import BlockFailedError
+
+    from unetflow.run import _closing
+
+    data = random_image((16, 8, 8))
+    infer.cancel_blocks()
+    try:
+        with pytest.raises(BlockFailedError, match="BlockCancelled: block 0 stopped: its run failed or was interrupted"):
+            _run(tmp_path, data, block=(8, 8, 8))
+    finally:
+        infer.cancel_blocks(False)
+    out, report = _run(tmp_path, data, block=(8, 8, 8), name="again.zarr")
+    assert report.blocks_done == 2
+    np.testing.assert_array_equal(out, 2.0 * data.astype(np.float32))
+
+    class Dispatch:  # records whether blocks were told to stop when the cluster closed
+        seen: list = []
+
+        def close(self):
+            self.seen.append(infer._CANCELLED.is_set())
+
+    with pytest.raises(KeyboardInterrupt), _closing(Dispatch(), always=False):
+        raise KeyboardInterrupt
+    with _closing(Dispatch(), always=True):
+        pass
+    assert Dispatch.seen == [True, False] and not infer._CANCELLED.is_set()
+
+
 def _tune_in_a_new_process(before: str = "", **env: str) -> dict:
     import json
     import os

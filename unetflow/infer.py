@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import resource
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -259,6 +260,25 @@ def peak_rss() -> int:
 
 _POOLS: dict[str, ThreadPoolExecutor] = {}
 MAX_PENDING_WRITES = 2
+_CANCELLED = threading.Event()
+
+
+class BlockCancelled(RuntimeError):
+    """A block running in the driver's process was told to stop (its run failed or was interrupted)."""
+
+
+def cancel_blocks(cancel: bool = True) -> None:
+    """Make the blocks running in this process stop at their next forward pass (they
+    raise :class:`BlockCancelled`), or (``False``) let blocks run again.
+
+    A failed or interrupted run calls it before it closes its cluster: a worker in the
+    driver's process cannot be killed like a worker process, and closing its cluster
+    waits for the block it is running (a Ctrl-C waited 25 s for the rest of a block).
+    """
+    if cancel:
+        _CANCELLED.set()
+    else:
+        _CANCELLED.clear()
 
 
 def _pool(name: str) -> ThreadPoolExecutor:
@@ -361,6 +381,8 @@ def predict_block_streamed(job: BlockJob, block: Block, predictor: Predictor, te
     t_start = time.perf_counter()
     wait_before = tel.wait
     for item in itertools.chain(batches, itertools.repeat(None)):
+        if _CANCELLED.is_set():
+            raise BlockCancelled(f"block {block.block_id} stopped: its run failed or was interrupted")
         if item is not None:
             i, chunk, batch = item
             in_flight.append((i, chunk, predictor.submit(batch)))

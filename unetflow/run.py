@@ -22,7 +22,7 @@ import unetflow
 from unetflow import resume, schedule, store
 from unetflow.config import RunConfig, parse_shape, to_dict
 from unetflow.errors import BlockFailedError, ConfigError, OutputExistsError, ShapeError
-from unetflow.infer import BlockJob, BlockResult, OutputSpec, norm_stats, run_block
+from unetflow.infer import BlockJob, BlockResult, OutputSpec, cancel_blocks, norm_stats, run_block
 from unetflow.model.predictor import CheckpointSource, NetInfo, net_info
 from unetflow.plan import Plan, make_tiling
 from unetflow.worker import tune_allocator
@@ -297,7 +297,7 @@ def _segment(p: Prepared, report: RunReport, run_dir: resume.RunDir, dispatch: s
             log.info("resuming: %d of %d blocks already done, %d to do", report.blocks_skipped, len(block_ids), len(todo))
         job = make_job(p, stats)
         t0 = time.perf_counter()
-        with contextlib.closing(dispatch) if close else _closed_on_error(dispatch), _progress(len(todo), enabled=progress) as bar:
+        with _closing(dispatch, always=close), _progress(len(todo), enabled=progress) as bar:
             def on_result(outcome: Any) -> None:
                 result = outcome.result
                 report.results.append(result)
@@ -328,12 +328,22 @@ def _segment(p: Prepared, report: RunReport, run_dir: resume.RunDir, dispatch: s
 
 
 @contextlib.contextmanager
-def _closed_on_error(dispatch: schedule.Dispatcher) -> Iterator[None]:
+def _closing(dispatch: schedule.Dispatcher, *, always: bool) -> Iterator[None]:
+    """Close *dispatch* after the run (*always*) or only after a failure or an interrupt
+    (a shared one). Blocks of this run may still be running then, and must stop before
+    the output's lock goes: those in this process (the threaded worker) are told to
+    stop at their next forward pass; worker processes end with their cluster."""
     try:
         yield
     except BaseException:
-        dispatch.close()  # blocks of this run may still be running: they must stop before the lock goes
+        cancel_blocks()
+        try:
+            dispatch.close()
+        finally:
+            cancel_blocks(False)
         raise
+    if always:
+        dispatch.close()
 
 
 @contextlib.contextmanager
