@@ -150,6 +150,7 @@ def predict_patches(plan: Plan, block: Block, image: np.ndarray, predictor: Pred
     starts = list(plan.patch_tile_starts(block))
     keep = (slice(None),) + tuple(slice(o, o + t) for o, t in zip(tiling.out_offset, tiling.tile))
     for i in range(0, len(starts), batch_size):
+        _check_cancelled(block)
         chunk = starts[i : i + batch_size]
         out = predictor(patch_batch(tiling, image, block.read_box, chunk))
         for start, pred in zip(chunk, out):
@@ -281,6 +282,11 @@ def cancel_blocks(cancel: bool = True) -> None:
         _CANCELLED.clear()
 
 
+def _check_cancelled(block: Block) -> None:
+    if _CANCELLED.is_set():
+        raise BlockCancelled(f"block {block.block_id} stopped: its run failed or was interrupted")
+
+
 def _pool(name: str) -> ThreadPoolExecutor:
     """One reader and one writer thread per worker process, kept across blocks."""
     if name not in _POOLS:
@@ -381,8 +387,7 @@ def predict_block_streamed(job: BlockJob, block: Block, predictor: Predictor, te
     t_start = time.perf_counter()
     wait_before = tel.wait
     for item in itertools.chain(batches, itertools.repeat(None)):
-        if _CANCELLED.is_set():
-            raise BlockCancelled(f"block {block.block_id} stopped: its run failed or was interrupted")
+        _check_cancelled(block)
         if item is not None:
             i, chunk, batch = item
             in_flight.append((i, chunk, predictor.submit(batch)))
