@@ -217,7 +217,7 @@ def run_unetflow(case: Case) -> dict[str, Any]:
         input=case.input, output=case.output, model=case.model,
         tiling=TilingSpec(patch_shape=(case.patch,) * 3, overlap=case.overlap, batch_size=case.batch_size),
         output_settings=OutputSettings(overwrite=True),
-        cluster=ClusterSpec(kind="inline") if case.inline else ClusterSpec(kind="local", workers=case.workers, gpus=1 if gpu else 0, processes=None if gpu else case.processes),
+        cluster=ClusterSpec(kind="inline") if case.inline else ClusterSpec(kind="local", workers=case.workers, gpus=1 if gpu else 0, processes=case.processes),
         device="cuda" if gpu else "cpu", amp=case.amp,
     )
     set_threads(case)

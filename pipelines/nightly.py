@@ -99,7 +99,6 @@ def run_nightly(path: str) -> tuple[int, dict[str, Any]]:
     return (1 if failed or not entries else 0), summary
 
 
-
 @dataclass
 class Night:
     """The inputs of one night share one cluster (on a batch system, one set of jobs that
@@ -136,6 +135,7 @@ class Night:
         entry["seconds"] = round(time.perf_counter() - t1, 3)
         log.info(json.dumps({"event": "nightly_input", **entry}))
         return entry
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv

@@ -78,8 +78,8 @@ class Dispatcher:
 
     ``dispatcher(fn, job, block_ids, on_result=...)`` returns the failures (see
     :func:`run_blocks`). :meth:`start` begins opening the cluster in a background thread,
-    so the cluster and its workers (which import torch, about 1.5 s) start while the driver
-    does other work; the first dispatch waits for it. Without :meth:`start` the first
+    so the cluster and its worker processes (which import torch, about 1.5 s) start while
+    the driver does other work; the first dispatch waits for it. Without :meth:`start` the first
     dispatch opens the cluster; a run with no blocks to do opens none.
     """
 
