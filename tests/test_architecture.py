@@ -18,7 +18,7 @@ ROOMS = {
     "h5py": ("store", "formats"),
     "distributed": ("schedule",),
     "dask_jobqueue": ("schedule",),
-    "torch": ("model", "infer", "blend", "train", "run_train"),
+    "torch": ("model", "infer", "blend", "telemetry", "train", "run_train"),
 }
 LEAVES = ("geometry", "config", "errors")
 

@@ -1,56 +1,102 @@
-"""The write-box accumulator and the sliding plane window of the streamed block loop."""
+"""The weight window, the separable normaliser and the sliding plane window of the streamed block loop."""
+
+import itertools
 
 import numpy as np
 import pytest
+import torch
 
-from unetflow.blend import Accumulator, PlaneWindow, window
+from unetflow.blend import PlaneWindow, axis_weight_sums, window, window_1d
 from unetflow.geometry import Box
 
 
-def _patches(rng, write_box, tile, n):
-    starts = sorted(
-        tuple(int(rng.integers(o - t + 1, o + s)) for o, s, t in zip(write_box.offset, write_box.shape, tile)) for _ in range(n)
-    )
-    return [(Box(s, tile), rng.random((2, *tile)).astype(np.float32)) for s in starts]
+def _grid(write_box, tile, step):
+    """Per axis, starts every *step* from below the box to past it (a product grid, like Plan.starts)."""
+    return [list(range(o - t + 1, o + s, st)) for o, s, t, st in zip(write_box.offset, write_box.shape, tile, step)]
 
 
-@pytest.mark.parametrize("unit", [1, 3, 7])
-def test_plane_window_equals_whole_accumulator(unit):
-    """Adding patches in axis-0 order and popping finished planes gives the same bytes as one
-    accumulator over the whole write box; the buffer never grows."""
+def _reference(write_box, tile, starts, preds, kind):
+    """Sum of weight * prediction over every patch, divided by the summed weights: float64, patch by patch."""
+    w = window(tile, kind).astype(np.float64)
+    values = np.zeros((2, *write_box.shape))
+    weights = np.zeros(write_box.shape)
+    for s, pred in zip(itertools.product(*starts), preds):
+        part = Box(s, tile).intersect(write_box)
+        if part.is_empty():
+            continue
+        src, dst = part.relative_to(Box(s, tile)).to_slices(), part.relative_to(write_box).to_slices()
+        values[(slice(None), *dst)] += pred[(slice(None), *src)] * w[src]
+        weights[dst] += w[src]
+    return values / weights
+
+
+def test_window_is_the_product_of_its_axes():
+    w = window((5, 4, 3), "gaussian")
+    expect = np.multiply.outer(np.multiply.outer(window_1d(5, "gaussian"), window_1d(4, "gaussian")), window_1d(3, "gaussian"))
+    assert w.dtype == np.float32 and w.max() == 1.0 and w.min() > 0
+    np.testing.assert_array_equal(w, expect.astype(np.float32))
+
+
+def test_axis_weight_sums_are_the_summed_weights():
+    """The separable normaliser: the product of per-axis sums equals the weights summed patch by patch."""
+    box, tile, step = Box((3, 0), (11, 9)), (4, 5), (3, 2)
+    starts = _grid(box, tile, step)
+    summed = np.zeros(box.shape)
+    w = window(tile, "gaussian").astype(np.float64)
+    for s in itertools.product(*starts):
+        part = Box(s, tile).intersect(box)
+        if not part.is_empty():
+            summed[part.relative_to(box).to_slices()] += w[part.relative_to(Box(s, tile)).to_slices()]
+    product = np.multiply.outer(*(axis_weight_sums(starts[a], tile[a], "gaussian", box.offset[a], box.stop[a]) for a in range(2)))
+    np.testing.assert_allclose(product, summed, rtol=1e-6)
+
+
+@pytest.mark.parametrize("unit", [1, 3, 7, 13])
+@pytest.mark.parametrize("kind", ["gaussian", "constant"])
+def test_plane_window_equals_the_float64_reference(unit, kind):
+    """Adding patches in the global order and popping finished planes in units gives the
+    float64 patch-by-patch blend within 1e-6; the buffer never grows."""
     rng = np.random.default_rng(unit)
     w, tile = Box((5, 2, 0), (13, 6, 5)), (4, 3, 5)
-    weights = window(tile, "gaussian")
-    patches = _patches(rng, w, tile, 60)
-    patches += [(Box((z, y, 0), tile), rng.random((2, *tile)).astype(np.float32)) for z in range(2, 18) for y in range(0, 8, 3)]
-    patches.sort(key=lambda p: p[0].offset)
-    whole = Accumulator(w, 2, weighted=True)
-    for box, pred in patches:
-        whole.add(pred, box, weights)
-    held = PlaneWindow(w, 2, weighted=True, capacity=tile[0] + unit)
-    buffer = held._buf.values
+    starts = _grid(w, tile, (3, 2, 4))
+    boxes = [Box(s, tile) for s in itertools.product(*starts)]
+    preds = [rng.random((2, *tile)).astype(np.float32) for _ in boxes]
+    held = PlaneWindow(w, 2, tile=tile, starts=starts, kind=kind, capacity=tile[0] + unit)
+    buffer = held.values
     parts = []
-    for i, (box, pred) in enumerate(patches):
+    for i, (box, pred) in enumerate(zip(boxes, preds)):
         held.extend(box.offset[0] + tile[0])
-        held.acc.add(pred, box, weights)
-        nxt = patches[i + 1][0].offset[0] if i + 1 < len(patches) else w.stop[0]
+        held.add(torch.from_numpy(pred), box)
+        nxt = boxes[i + 1].offset[0] if i + 1 < len(boxes) else w.stop[0]
         done = w.offset[0] + ((min(nxt, w.stop[0]) - w.offset[0]) // unit) * unit if nxt < w.stop[0] else w.stop[0]
         if done > held.start:
-            parts.append(held.pop(done - held.start))
-    assert held._buf.values is buffer
-    assert np.array_equal(np.concatenate(parts, axis=1), whole.result())
+            n = done - held.start
+            parts.append(np.empty((2, n, *w.shape[1:]), np.float32))
+            held.pop(n, lambda j, v, out=parts[-1]: out[:, j : j + v.shape[1]].__setitem__(Ellipsis, v.numpy()), slab=2)
+    assert held.values is buffer
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), _reference(w, tile, starts, preds, kind), rtol=1e-6)
 
 
 def test_plane_window_refuses_overflow():
-    held = PlaneWindow(Box((0, 0), (10, 4)), 1, weighted=False, capacity=3)
+    held = PlaneWindow(Box((0, 0), (10, 4)), 1, tile=(1, 4), starts=[range(10), [0]], kind=None, capacity=3)
     held.extend(3)
     with pytest.raises(RuntimeError, match="cannot hold"):
         held.extend(4)
 
 
-def test_plane_window_unweighted_result_is_a_copy():
-    held = PlaneWindow(Box((0, 0), (4, 2)), 1, weighted=False, capacity=4)
+def test_plane_window_refuses_a_plan_that_misses_or_doubles_voxels():
+    with pytest.raises(RuntimeError, match="no patch covered"):
+        PlaneWindow(Box((0, 0), (4, 4)), 1, tile=(2, 4), starts=[[0], [0]], kind="gaussian", capacity=4)
+    with pytest.raises(RuntimeError, match="tiles per voxel, not 1"):
+        PlaneWindow(Box((0, 0), (4, 4)), 1, tile=(2, 4), starts=[[0, 1, 2], [0]], kind=None, capacity=4)
+
+
+def test_plane_window_unweighted_copies_and_shifts():
+    held = PlaneWindow(Box((0, 0), (4, 2)), 1, tile=(2, 2), starts=[[0, 2], [0]], kind=None, capacity=4)
     held.extend(4)
-    held.acc.add(np.ones((1, 4, 2), np.float32), Box((0, 0), (4, 2)))
-    first = held.pop(2)
-    assert first.tolist() == [[[1, 1], [1, 1]]] and not np.shares_memory(first, held._buf.values)
+    held.add(torch.ones((1, 2, 2)), Box((0, 0), (2, 2)))
+    held.add(torch.full((1, 2, 2), 3.0), Box((2, 0), (2, 2)))
+    got = []
+    held.pop(2, lambda j, v: got.append(v.clone()))
+    assert got[0].tolist() == [[[1, 1], [1, 1]]]
+    assert held.values[:, :2].tolist() == [[[3, 3], [3, 3]]] and held.values[:, 2:].abs().sum() == 0

@@ -13,7 +13,7 @@ import tifffile
 import zarr
 from click.testing import CliRunner
 
-from conftest import random_image
+from conftest import assert_blended, random_image
 from unetflow import store
 from unetflow.cli import main
 from unetflow.config import ClusterSpec, OutputSettings, RunConfig, TilingSpec
@@ -49,7 +49,7 @@ def test_ome_tiff_to_ome_zarr(tmp_path):
     out = tmp_path / "pred.ome.zarr"
     run(tif, out, channels=2)
     want = 2.0 * np.moveaxis(data, 1, 0).astype(np.float32)
-    np.testing.assert_array_equal(tensorstore_read(out / "0"), want)
+    assert_blended(tensorstore_read(out / "0"), want)
     image = v05.Image.from_zarr(zarr.open_group(str(out), mode="r"))  # the spec's own validator
     ms = image.ome_attributes.multiscales[0]
     assert [a.name for a in ms.axes] == ["c", "z", "y", "x"] and ms.axes[1].unit == "micrometer"
@@ -102,7 +102,7 @@ def test_hdf5_input_on_two_workers(tmp_path):
     assert arr.chunks == (8, 8, 8) and arr.voxel_size == (40.0, 4.0, 4.0) and arr.unit == "nanometer"
     out = tmp_path / "pred.zarr"
     report = run(f"{h5}:/volumes/raw", out, block=(8, 16, 16), cluster=ClusterSpec(kind="local", workers=2))
-    np.testing.assert_array_equal(zarr.open_array(str(out))[0], 2.0 * data.astype(np.float32))
+    assert_blended(zarr.open_array(str(out))[0], 2.0 * data.astype(np.float32))
     assert len({r.pid for r in report.results}) >= 1
 
 
@@ -138,7 +138,7 @@ def test_ome_zarr_input_at_a_level(tmp_path, version):
     assert arr.dimension_names == ("c", "z", "y", "x")
     out = tmp_path / "pred.ome.zarr"
     run(inp, out, level=1, block=(8, 16, 16))
-    np.testing.assert_array_equal(zarr.open_array(str(out / "0"))[0], 2.0 * data[0, 0, :, ::2, ::2])
+    assert_blended(zarr.open_array(str(out / "0"))[0], 2.0 * data[0, 0, :, ::2, ::2])
     scale = zarr.open_group(str(out)).attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
     assert scale == [1.0, 2.0, 1.0, 1.0]  # the input level's voxel size travels to the output
     with pytest.raises(InputFormatError, match="--level 0..1"):
@@ -177,7 +177,7 @@ def test_s3_ome_zarr_input_level(tmp_path, s3_server):
     assert store.open_input(url, level=1).shape == (1, 9, 20, 18)
     out = tmp_path / "pred.ome.zarr"
     run(url, out, level=1, block=(8, 16, 16))
-    np.testing.assert_array_equal(zarr.open_array(str(out / "0"))[0], 2.0 * data[0, 0, :, ::2, ::2])
+    assert_blended(zarr.open_array(str(out / "0"))[0], 2.0 * data[0, 0, :, ::2, ::2])
 
 
 def test_preview_png(tmp_path, image3d):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from conftest import random_image, write_zarr
+from conftest import assert_blended, random_image, write_zarr
 from unetflow.resume import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def test_nightly_two_done_one_broken_then_nothing_to_redo(tmp_path):
     assert summary["failed"] == [str(incoming / "c.zarr")]
     assert "c.zarr" in first.stdout and "FAILED" in first.stdout
     for name, arr in data.items():
-        np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "pred" / f"{name}_pred.zarr"))[0], 2.0 * arr)
+        assert_blended(zarr.open_array(str(tmp_path / "pred" / f"{name}_pred.zarr"))[0], 2.0 * arr)
     assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["a_pred.zarr", "b_pred.zarr", "nightly-summary.json"]
     markers = {n: RunDir(str(tmp_path / "pred" / f"{n}_pred.zarr")).markers() for n in data}
 
@@ -73,6 +73,6 @@ def test_nightly_inputs_share_one_cluster(tmp_path):
     workers = []
     for name, arr in data.items():
         out = tmp_path / "pred" / f"{name}_pred.zarr"
-        np.testing.assert_array_equal(zarr.open_array(str(out))[0], 2.0 * arr)
+        assert_blended(zarr.open_array(str(out))[0], 2.0 * arr)
         workers.append(set(json.loads((out / ".unetflow" / "report.json").read_text())["workers"]))
     assert len(workers[0]) == 1 and workers[0] == workers[1]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import random_image, write_zarr
+from conftest import assert_blended, random_image, write_zarr
 from unetflow import resume
 from unetflow.config import ClusterSpec, OutputSettings, RunConfig, TilingSpec, apply_overrides, load_yaml, run_config_from_mapping
 from unetflow.errors import BlockFailedError, ConfigError, LockedError, OutputExistsError
@@ -98,7 +98,7 @@ def test_kill_resume_lock_and_stale_takeover(tmp_path, image3d):
     segment(config(inp, tmp_path / "ref.zarr"), source=ScaleNetSource(factor=2.0), progress=False)
     resumed, ref = zarr.open_array(str(out))[:], zarr.open_array(str(tmp_path / "ref.zarr"))[:]
     assert resumed.tobytes() == ref.tobytes()
-    np.testing.assert_array_equal(resumed[0], 2.0 * data)
+    assert_blended(resumed[0], 2.0 * data)
 
 
 def test_resume_refuses_other_settings_or_model(tmp_path, image3d):
@@ -139,7 +139,7 @@ def test_failing_block_reported_others_finish_resume_redoes_it(tmp_path, cluster
     assert resume.RunDir(str(out)).done_blocks() == set(range(12)) - {2}
     report = segment(config(inp, out, resume=True), source=ScaleNetSource(factor=2.0), progress=False)
     assert [r.block_id for r in report.results] == [2] and report.blocks_skipped == 11
-    np.testing.assert_array_equal(zarr.open_array(str(out))[0], 2.0 * data)
+    assert_blended(zarr.open_array(str(out))[0], 2.0 * data)
 
 
 def test_parts_write_one_output_together(tmp_path, image3d, caplog):
@@ -155,7 +155,7 @@ def test_parts_write_one_output_together(tmp_path, image3d, caplog):
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.getMessage().startswith('{"event": "block_done"')]
     assert sorted(line["block_id"] for line in lines) == list(range(45))  # one structured log line per block
     assert set(lines[0]) >= {"write_box", "read_box", "seconds", "device", "worker", "patches"}
-    np.testing.assert_array_equal(zarr.open_array(str(out))[0], 2.0 * data)
+    assert_blended(zarr.open_array(str(out))[0], 2.0 * data)
 
 
 def test_worker_resources_spread_blocks_over_workers(tmp_path, image3d):
@@ -166,7 +166,7 @@ def test_worker_resources_spread_blocks_over_workers(tmp_path, image3d):
     per_worker = report_of(tmp_path / "o.zarr")["workers"]
     blocks = sorted(w["blocks"] for w in per_worker.values())
     assert len(blocks) >= 2 and sum(blocks) == 45 and blocks[-1] <= 40, per_worker  # spread, not piled onto one
-    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "o.zarr"))[0], 2.0 * data)
+    assert_blended(zarr.open_array(str(tmp_path / "o.zarr"))[0], 2.0 * data)
 
 
 def test_yaml_config_and_overrides(tmp_path):

@@ -94,3 +94,14 @@ def test_sample_voxels_thins_large_chunks(tmp_path):
     first = data[:32, :32].ravel()
     assert np.array_equal(sample[0, : len(first[::5])], first[::5])  # 4 chunks x 1024 voxels / 1000 -> stride 5
     assert store.sample_voxels(arr, layout=layout).shape == (1, 64 * 64)  # under the budget: every voxel
+
+
+def test_read_box_wholly_outside_the_image_is_mirrored(tmp_path):
+    """A box entirely in the mirrored margin reads reversed planes, not the planes it maps onto in order."""
+    data = np.arange(30, dtype="uint16").reshape(30, 1)
+    arr = zarr.open_array(write_zarr(tmp_path / "a.zarr", data))
+    layout = store.layout_for(arr, 2, name="a")
+    got = store.read_box(arr, Box((-8, 0), (8, 1)), layout=layout)
+    assert got[0, :, 0].tolist() == [8, 7, 6, 5, 4, 3, 2, 1]
+    whole = store.read_box(arr, Box((-9, 0), (26, 1)), layout=layout)
+    assert np.array_equal(whole[:, 1:9], got)

@@ -1,209 +1,223 @@
-"""Weight windows and the write-box accumulator: pure array code.
+"""Weight windows and the held planes of a block: array code on the block's device.
 
-A block adds each patch's prediction, restricted to the block's write box, into an
-:class:`Accumulator`; :meth:`Accumulator.result` divides by the summed weights. Patches
-are added in one fixed global order, so a voxel's value does not depend on which
-block computed it.
+A block adds each patch's prediction, restricted to the block's write box, into a
+:class:`PlaneWindow`: float32 sums in torch tensors on the predictor's device (the
+GPU's memory on a GPU, plain memory on the CPU: one implementation). Patches are added
+in one fixed global order, so a voxel's value does not depend on which block computed it.
+
+The weights are never summed per patch, and finished planes are never divided. The
+window is a product of 1-D windows and the patch grid a product of 1-D grids
+(:attr:`unetflow.plan.Plan.starts`), so the sum of the weights of every patch over a
+voxel is the product of per-axis sums (:func:`axis_weight_sums`), and each patch can be
+added with its window already divided by them: per axis ``w(t) / sum(s + t)`` in float64,
+multiplied out and rounded once to float32 (:class:`NormalisedWindows`). Inside the
+image those are the same for every patch (the grid is regular), so a block needs only a
+handful of them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Sequence
 
 import numpy as np
+import torch
 
 from unetflow.geometry import Box
+
+FLOOR = 1e-3  # per axis: the border voxels of a lone patch still count
+
+
+@lru_cache(maxsize=64)
+def window_1d(n: int, kind: str, sigma_scale: float = 0.125) -> np.ndarray:
+    """The 1-D factor of :func:`window` along an axis of *n* voxels, float64, maximum 1.
+
+    >>> window_1d(3, "constant").tolist()
+    [1.0, 1.0, 1.0]
+    >>> w = window_1d(5, "gaussian"); float(w.max()), bool(w[0] < w[2])
+    (1.0, True)
+    """
+    if kind not in ("gaussian", "constant", "none"):
+        raise ValueError(f"window kind {kind!r} is not gaussian or constant")
+    if kind != "gaussian":
+        out = np.ones(n, dtype=np.float64)
+    else:
+        x = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+        g = np.exp(-0.5 * (x / max(sigma_scale * n, 1e-6)) ** 2)
+        out = np.maximum(g / g.max(), FLOOR)
+    out.setflags(write=False)
+    return out
 
 
 @lru_cache(maxsize=16)
 def window(shape: tuple[int, ...], kind: str, sigma_scale: float = 0.125) -> np.ndarray:
     """A separable weight window of *shape*, ndarray float32 with maximum 1.
 
-    ``gaussian`` uses sigma = ``sigma_scale`` * size per axis (MONAI's and nnU-Net's
-    default 1/8), floored at 1e-3 so that border voxels of a lone patch still count;
-    ``constant`` and ``none`` are all ones.
-
-    >>> window((3,), "constant").tolist()
-    [1.0, 1.0, 1.0]
-    >>> w = window((5,), "gaussian"); float(w.max()), bool(w[0] < w[2])
-    (1.0, True)
+    ``gaussian``: per axis a gaussian of sigma = ``sigma_scale`` * size (MONAI's and
+    nnU-Net's default 1/8), floored at :data:`FLOOR` so that the border voxels of a lone
+    patch still count; ``constant`` and ``none``: all ones. The product of the
+    :func:`window_1d` factors, rounded once to float32.
     """
-    if kind not in ("gaussian", "constant", "none"):
-        raise ValueError(f"window kind {kind!r} is not gaussian or constant")
-    w = np.ones(shape, dtype=np.float64)
-    if kind == "gaussian":
-        for axis, n in enumerate(shape):
-            x = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
-            sigma = max(sigma_scale * n, 1e-6)
-            g = np.exp(-0.5 * (x / sigma) ** 2)
-            view = [1] * len(shape)
-            view[axis] = n
-            w = w * g.reshape(view)
-        w = np.maximum(w / w.max(), 1e-3)
+    w = np.ones((), dtype=np.float64)
+    for n in shape:
+        w = np.multiply.outer(w, window_1d(int(n), kind, sigma_scale))
     out = w.astype(np.float32)
     out.setflags(write=False)
     return out
 
 
-SLAB_ELEMENTS = 2**16  # float64 products per slab in Accumulator.add: 512 KiB, cache-sized
+def axis_weight_sums(starts: Sequence[int], tile: int, kind: str, lo: int, hi: int) -> np.ndarray:
+    """Per voxel ``lo..hi`` of one axis: the summed 1-D window of every tile at *starts*
+    (float64). With ``constant`` weights, the number of tiles covering the voxel.
 
-
-class Accumulator:
-    """Weighted sum of patch outputs over one write box.
-
-    Parameters
-    ----------
-    write_box : the region (output coordinates) this accumulator covers.
-    channels : output channels K.
-    weighted : False for tile and crop modes, where each voxel gets exactly one
-        contribution and is copied, not averaged.
+    >>> axis_weight_sums([0, 2], 3, "constant", 0, 5).tolist()
+    [1.0, 1.0, 2.0, 1.0, 1.0]
     """
-
-    def __init__(self, write_box: Box, channels: int, *, weighted: bool) -> None:
-        self.write_box = write_box
-        self.weighted = weighted
-        # float64 sums: a weighted average of equal values gives that value back exactly
-        dtype = np.float64 if weighted else np.float32
-        self.values = np.zeros((channels, *write_box.shape), dtype=dtype)
-        self.weights = np.zeros(write_box.shape, dtype=np.float64) if weighted else None
-        self.hits = None if weighted else np.zeros(write_box.shape, dtype=np.uint8)
-        self._scratch_cell: list[np.ndarray] = []  # shared with front() views
-
-    def front(self, n: int, offset: int) -> "Accumulator":
-        """The first *n* planes (axis 0) as an accumulator of their own at axis-0 *offset*:
-        views, so adding to it adds to this one."""
-        view = Accumulator.__new__(Accumulator)
-        view.write_box = Box((offset, *self.write_box.offset[1:]), (n, *self.write_box.shape[1:]))
-        view.weighted = self.weighted
-        view.values = self.values[:, :n]
-        view.weights = None if self.weights is None else self.weights[:n]
-        view.hits = None if self.hits is None else self.hits[:n]
-        view._scratch_cell = self._scratch_cell
-        return view
-
-    def add(self, prediction: np.ndarray, tile_box: Box, weights: np.ndarray | None = None) -> None:
-        """Add *prediction* (ndarray of shape (K, *tile_box.shape)) located at *tile_box*."""
-        part = tile_box.intersect(self.write_box)
-        if part.is_empty():
-            return
-        src = (slice(None),) + part.relative_to(tile_box).to_slices()
-        dst = part.relative_to(self.write_box).to_slices()
-        if not self.weighted:
-            self.values[(slice(None),) + dst] = prediction[src]
-            self.hits[dst] += 1
-            return
-        w = weights[src[1:]]
-        if w.dtype != np.float64:
-            w = w.astype(np.float64)
-        pred = prediction[src]
-        values = self.values[(slice(None),) + dst]
-        sums = self.weights[dst]
-        # slab by slab along the first axis, so that each slab's product stays in the
-        # cache between its multiply and its add (one pass over a 4 MiB product went to
-        # memory and back: 1.6-2.0 ms per 64^3 patch, 1.1 ms in slabs). Every voxel still
-        # gets the same operations in the same order: the same bits.
-        planes = max(1, SLAB_ELEMENTS // (values.shape[0] * math.prod(part.shape[1:])))
-        product = self._scratch((min(planes, part.shape[0]), *part.shape[1:]))
-        for z in range(0, part.shape[0], planes):
-            n = min(planes, part.shape[0] - z)
-            slab = product[:, :n]
-            np.multiply(pred[:, z : z + n], w[z : z + n], out=slab)
-            np.add(values[:, z : z + n], slab, out=values[:, z : z + n])
-            np.add(sums[z : z + n], w[z : z + n], out=sums[z : z + n])
-
-    def _scratch(self, shape: tuple[int, ...]) -> np.ndarray:
-        """A float64 (K, *shape) work array, a view of one buffer that grows to the largest slab."""
-        need = (self.values.shape[0], *shape)
-        cell = self._scratch_cell
-        if not cell or any(n > b for n, b in zip(need, cell[0].shape)):
-            have = cell[0].shape if cell else need
-            cell[:] = [np.empty(tuple(max(n, b) for n, b in zip(need, have)), np.float64)]
-        return cell[0][tuple(slice(0, n) for n in need)]
-
-    def result(self) -> np.ndarray:
-        """The blended values, ndarray float32 of shape (K, *write_box.shape).
-
-        Raises
-        ------
-        RuntimeError
-            A voxel received no contribution, or (tile and crop modes) more than one:
-            a planning bug, never a user error.
-        """
-        if not self.weighted:
-            if self.hits.min() != 1 or self.hits.max() != 1:
-                raise RuntimeError(f"write box {self.write_box} got {self.hits.min()}..{self.hits.max()} tiles per voxel, not 1")
-            return self.values
-        if self.weights.min() <= 0:
-            raise RuntimeError(f"write box {self.write_box} has voxels no patch covered")
-        # divided in float64 and rounded once into the float32 result: no float64 temporary
-        return np.divide(self.values, self.weights, out=np.empty(self.values.shape, np.float32), casting="same_kind")
-
-
-@lru_cache(maxsize=16)
-def _window64(shape: tuple[int, ...], kind: str) -> np.ndarray:
-    out = window(shape, kind).astype(np.float64)
-    out.setflags(write=False)
+    w = window_1d(tile, kind)
+    out = np.zeros(hi - lo, dtype=np.float64)
+    for s in starts:
+        a, b = max(s, lo), min(s + tile, hi)
+        if a < b:
+            out[a - lo : b - lo] += w[a - s : b - s]
     return out
 
 
-def tile_weights(tile_shape: Sequence[int], kind: str) -> np.ndarray:
-    """The window for one patch tile, in the accumulator's float64 (the float32
-    :func:`window`'s values exactly; converted once, not for every patch)."""
-    return _window64(tuple(int(s) for s in tile_shape), kind)
+class NormalisedWindows:
+    """The window of each patch divided by the summed weights at the voxels it covers.
+
+    Per axis, a tile at start *s* gets ``w(t) / S(s + t)`` (:func:`window_1d` over
+    :func:`axis_weight_sums` of the global grid, float64); a patch's window is the
+    product over its axes, rounded once to float32 and kept on *device*. Tiles whose
+    1-D factors are equal share them, so a block builds a few windows, each once.
+    """
+
+    def __init__(self, tile: Sequence[int], starts: Sequence[Sequence[int]], kind: str, device: torch.device) -> None:
+        self.device = device
+        self._axes: list[dict[int, int]] = []  # per axis: start -> id of its 1-D factor
+        self._factors: list[list[torch.Tensor]] = []
+        for t, axis_starts in zip(tile, starts):
+            lo, hi = min(axis_starts), max(axis_starts) + t
+            sums = axis_weight_sums(axis_starts, t, kind, lo, hi)
+            w = window_1d(t, kind)
+            ids: dict[bytes, int] = {}
+            of_start: dict[int, int] = {}
+            factors: list[np.ndarray] = []
+            for s in axis_starts:
+                f = w / sums[s - lo : s - lo + t]
+                key = f.tobytes()
+                if key not in ids:
+                    ids[key] = len(factors)
+                    factors.append(f)
+                of_start[s] = ids[key]
+            self._axes.append(of_start)
+            self._factors.append([torch.from_numpy(f).to(device) for f in factors])
+        self._windows: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def __call__(self, tile_start: Sequence[int]) -> torch.Tensor:
+        """The normalised float32 window of the tile at *tile_start* (a global grid start)."""
+        key = tuple(axis[s] for axis, s in zip(self._axes, tile_start))
+        out = self._windows.get(key)
+        if out is None:
+            out = self._factors[0][key[0]]
+            for factors, k in zip(self._factors[1:], key[1:]):
+                out = out.unsqueeze(-1) * factors[k]  # float64 outer products, one rounding at the end
+            out = self._windows[key] = out.to(torch.float32)
+        return out
 
 
 class PlaneWindow:
-    """A sliding run of axis-0 planes of one write box, in one buffer allocated once.
+    """A sliding run of axis-0 planes of one write box: float32 sums on *device*.
 
-    The streamed block loop (:func:`unetflow.infer.predict_block_streamed`) holds only
-    the planes that open patches still touch: :meth:`extend` opens planes at the end,
-    :meth:`pop` finishes planes at the front. The buffer never changes size (planes
-    shift down in place, one plane at a time), so a worker's allocator sees the same
-    few sizes block after block and its peak memory does not creep up with the
-    number of blocks (issue 3).
+    The streamed block loop (:func:`unetflow.infer.stream_block`) holds only the planes
+    that open patches still touch: :meth:`extend` opens planes at the end, :meth:`add`
+    adds a patch, :meth:`pop` finishes planes at the front. The buffer is allocated once
+    (*capacity* planes: tile + flush unit) and planes shift down in place, so a worker's
+    memory does not creep up with the number of blocks (issue 3).
 
-    *capacity* planes must cover the widest run held at once (tile + flush unit).
+    Parameters
+    ----------
+    write_box : the region (output coordinates) this window covers.
+    channels : output channels K.
+    tile : the output tile of one patch.
+    starts : the global grid's tile starts per axis (:attr:`Plan.starts`).
+    kind : ``gaussian`` or ``constant`` (blended: each patch weighted by its
+        :class:`NormalisedWindows` window, so the sums are the result), or ``None`` for
+        tile and crop modes, where each voxel gets exactly one tile (copied).
+    capacity : planes held at once, at most.
+    device : where the sums live.
+
+    Raises
+    ------
+    RuntimeError
+        A voxel of the write box gets no tile, or (tile and crop modes) more than one:
+        a planning bug, never a user error.
     """
 
-    def __init__(self, write_box: Box, channels: int, *, weighted: bool, capacity: int) -> None:
+    def __init__(self, write_box: Box, channels: int, *, tile: Sequence[int], starts: Sequence[Sequence[int]],
+                 kind: str | None, capacity: int, device: torch.device | str = "cpu") -> None:
         self.write_box = write_box
+        self.tile = tuple(int(t) for t in tile)
+        self.device = torch.device(device)
+        self.weighted = kind is not None
         cap = max(1, min(int(capacity), write_box.shape[0]))
-        self._buf = Accumulator(Box(write_box.offset, (cap, *write_box.shape[1:])), channels, weighted=weighted)
+        self.capacity = cap
+        self.values = torch.zeros((channels, cap, *write_box.shape[1:]), dtype=torch.float32, device=self.device)
         self.start = self.stop = write_box.offset[0]
-
-    @property
-    def acc(self) -> Accumulator:
-        """An :class:`Accumulator` over the planes held now (views into the buffer)."""
-        return self._buf.front(self.stop - self.start, self.start)
+        counts = [axis_weight_sums(starts[a], self.tile[a], "constant", write_box.offset[a], write_box.stop[a])
+                  for a in range(len(self.tile))]
+        if any(c.min() <= 0 for c in counts):
+            raise RuntimeError(f"write box {write_box} has voxels no patch covered")
+        if not self.weighted and any(c.max() != 1 for c in counts):
+            raise RuntimeError(f"write box {write_box} gets up to {math.prod(int(c.max()) for c in counts)} tiles per voxel, not 1")
+        self._windows = NormalisedWindows(self.tile, starts, kind, self.device) if self.weighted else None
 
     def extend(self, stop: int) -> None:
-        """Hold planes up to *stop* (clipped to the write box); new planes are empty."""
+        """Hold planes up to *stop* (clipped to the write box); new planes are zero."""
         stop = min(stop, self.write_box.stop[0])
-        if stop - self.start > self._buf.write_box.shape[0]:
-            raise RuntimeError(f"plane window of {self._buf.write_box.shape[0]} planes cannot hold {self.start}..{stop}")
+        if stop - self.start > self.capacity:
+            raise RuntimeError(f"plane window of {self.capacity} planes cannot hold {self.start}..{stop}")
         self.stop = max(self.stop, stop)
 
-    def pop(self, n: int) -> np.ndarray:
-        """Finish the first *n* held planes: their result (a new array), then forget them.
+    def add(self, prediction: torch.Tensor, tile_box: Box) -> None:
+        """Add *prediction* (tensor (K, *tile_box.shape) on the device) of the global grid's
+        tile at *tile_box*; the tile must lie in the held planes (or outside the write box)."""
+        held = Box((self.start, *self.write_box.offset[1:]), (self.stop - self.start, *self.write_box.shape[1:]))
+        part = tile_box.intersect(held)
+        if part.is_empty():
+            return
+        if self.start > self.write_box.offset[0] and tile_box.offset[0] < self.start:
+            raise RuntimeError(f"tile {tile_box} reaches planes below {self.start}, finished already")
+        src = part.relative_to(tile_box).to_slices()
+        dst = (slice(None), slice(part.offset[0] - self.start, part.stop[0] - self.start),
+               *part.relative_to(self.write_box).to_slices()[1:])
+        if self._windows is not None:
+            # one fused multiply-add per voxel (the same in every block: the same tile, window and order)
+            self.values[dst].addcmul_(prediction[(slice(None), *src)], self._windows(tile_box.offset)[src])
+        else:
+            self.values[dst].copy_(prediction[(slice(None), *src)])
 
-        The caller guarantees no later patch touches those planes (patches come in the
+    def pop(self, n: int, sink: Callable[[int, torch.Tensor], None], *, slab: int = 0) -> None:
+        """Finish the first *n* held planes, then forget them.
+
+        *sink* (i, values) receives planes i..i+s of the *n*, float32 (K, s, ...) final
+        values, *slab* planes at a time (0: all at once; a few planes keep a CPU's work
+        in its cache). *values* is a view of the sums, valid during the call only. The
+        caller guarantees no later patch touches those planes (patches come in the
         global order, axis 0 outermost).
         """
         held = self.stop - self.start
-        out = self._buf.front(n, self.start).result()
-        if np.shares_memory(out, self._buf.values):  # tile/crop modes return the sums themselves
-            out = out.copy()
+        if not 0 < n <= held:
+            raise RuntimeError(f"cannot finish {n} of the {held} held planes")
+        step = n if slab <= 0 else min(slab, n)
+        for i in range(0, n, step):
+            sink(i, self.values[:, i : min(i + step, n)])
         self._shift(n, held)
         self.start += n
-        return out
 
     def _shift(self, n: int, held: int) -> None:
-        b = self._buf
-        counts = b.weights if b.weighted else b.hits
-        for i in range(held - n):  # plane by plane: source and target never overlap
-            b.values[:, i] = b.values[:, n + i]
-            counts[i] = counts[n + i]
-        b.values[:, held - n : held] = 0
-        counts[held - n : held] = 0
+        v = self.values
+        for i in range(0, held - n, n):  # blocks of at most n planes: source and target never overlap
+            m = min(n, held - n - i)
+            v[:, i : i + m].copy_(v[:, n + i : n + i + m])
+        v[:, held - n : held].zero_()

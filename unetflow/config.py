@@ -188,9 +188,12 @@ class OutputSettings:
     overwrite: bool = False
     ome: bool = False  # OME-Zarr 0.5 output (also when the path ends in .ome.zarr)
     interior_threshold: float | None = None  # instances: None = unetflow.label.INTERIOR_THRESHOLD
+    write_threads: int = 0  # compress + write threads per worker; 0: unetflow.infer.WRITE_THREADS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", choose(self.kind, OUTPUT_KINDS, what="output kind"))
+        if int(self.write_threads) < 0:
+            raise ConfigError(f"write threads {self.write_threads} must be >= 1, or 0 for the default")
         if self.interior_threshold is not None and not 0.0 <= float(self.interior_threshold) < 1.0:
             raise ConfigError(f"interior threshold {self.interior_threshold} must be in [0, 1); pass e.g. 0.8 (0 is the plain argmax)")
         if self.kind == "probabilities" and self.dtype is not None:

@@ -1,13 +1,25 @@
-"""One block: read, normalise, predict patches, blend, convert, write.
+"""One block: read, normalise, predict patches, blend, convert, write, on the device.
 
 This is the code a worker runs. A :class:`BlockJob` carries everything it needs and
 is small and picklable; the model is loaded once per worker process and kept
 (:func:`unetflow.model.predictor.get_predictor`), as are the opened Zarr arrays.
+
+A block streams along axis 0, one row of patches (same axis-0 start) at a time, and
+lives on the predictor's device (DESIGN.md, performance model):
+
+    reader thread:  read raw row (its own dtype) -> upload (pinned, copy stream) -> normalise
+    block loop:     cut patches -> forward (lanes / the GPU's stream) -> add into the float32
+                    sums of the held planes -> finished planes: divide, convert to the
+                    written dtype -> download (copy stream)
+    writer pool:    compress + write
+
+The CPU runs the same code with device=cpu (no streams, nothing copied).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import math
@@ -15,22 +27,33 @@ import os
 import resource
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
+import torch
 
 from unetflow import store
-from unetflow.blend import Accumulator, PlaneWindow, tile_weights
+from unetflow.blend import PlaneWindow
 from unetflow.config import NormSpec
 from unetflow.geometry import Box
-from unetflow.label import INTERIOR_THRESHOLD, instance_classes, local_components
-from unetflow.model.predictor import Predictor, auto_batch_size, get_predictor
+from unetflow.label import BORDER_CLASS, INTERIOR, INTERIOR_THRESHOLD, local_components
+from unetflow.model.predictor import (
+    Predictor,
+    auto_batch_size,
+    get_predictor,
+    out_of_memory,
+)
 from unetflow.plan import Block, Plan, Tiling
+from unetflow.telemetry import Clock
 
 log = logging.getLogger(__name__)
+
+WRITE_THREADS = 2  # default writer pool per worker process
+MAX_PENDING_WRITES = 2  # flushes queued for the writers per block: memory stays flat when writes are slow
 
 
 @dataclass(frozen=True)
@@ -65,34 +88,48 @@ class BlockJob:
     mask_path: str | None = None
     compile: bool = False
     input_level: int | None = None
+    write_threads: int = 0  # compress + write threads per worker; 0: WRITE_THREADS
 
 
 @dataclass(frozen=True)
 class BlockResult:
-    """What a block reports back: timings, sizes and where it ran."""
+    """What a block reports back: seconds per stage (:mod:`unetflow.telemetry`), sizes, where it ran."""
 
     block_id: int
     n_patches: int
     voxels: int
-    seconds_read: float
-    seconds_compute: float
-    seconds_write: float
     device: str
     pid: int
-    objects: int = 0
-    seconds_wait: float = 0.0  # compute loop idle, waiting on a read or a full write queue
+    stages: dict[str, float] = field(default_factory=dict)
     seconds_wall: float = 0.0
+    objects: int = 0
     peak_rss: int = 0  # bytes, the worker process's peak resident set so far
     skipped: str = ""  # "", "empty" or "mask": written as the fill value, model not run
+    lanes: int = 1  # forward passes side by side (CPU lanes)
+    write_threads: int = 1
+    amp_check: dict[str, Any] | None = None  # the bf16 guard's measurement (model.predictor.Predictor.check_amp)
 
     @property
     def seconds(self) -> float:
-        return self.seconds_read + self.seconds_compute + self.seconds_write
+        return self.seconds_wall
+
+    @property
+    def seconds_read(self) -> float:
+        return self.stages.get("read", 0.0)
+
+    @property
+    def seconds_compute(self) -> float:
+        """Seconds inside forward passes (summed over lanes; CUDA events on a GPU)."""
+        return self.stages.get("forward", 0.0)
+
+    @property
+    def seconds_write(self) -> float:
+        return self.stages.get("write", 0.0)
 
     @property
     def busy(self) -> float:
-        """Fraction of the block's wall time the model computed (GPU busy fraction on GPUs)."""
-        return self.seconds_compute / self.seconds_wall if self.seconds_wall > 0 else 0.0
+        """Fraction of the block's wall time in forward passes, per lane (GPU busy on GPUs)."""
+        return self.seconds_compute / self.lanes / self.seconds_wall if self.seconds_wall > 0 else 0.0
 
 
 @lru_cache(maxsize=8)
@@ -105,22 +142,43 @@ def _open_output(path: str) -> Any:
     return store.open_output(path)
 
 
-def normalise(data: np.ndarray, norm: NormSpec, stats: tuple[tuple[float, float], ...]) -> np.ndarray:
-    """Raw input (C, ...) -> float32 as the model was trained to see it.
+# --- values: normalising and converting, on any device ----------------------------------
 
-    ``stats`` holds per channel (low, high) percentiles or (mean, std).
+# dtypes a raw row crosses to the device in (others are made float32 on the host first)
+_UPLOAD_DTYPES = {np.dtype(t) for t in ("bool", "uint8", "int8", "int16", "uint16", "int32", "float16", "float32")}
+
+
+def normalise_tensor(raw: torch.Tensor, norm: NormSpec, stats: tuple[tuple[float, float], ...], *, slab: int = 0,
+                     uint16_bits: bool = False) -> torch.Tensor:
+    """A raw row (C, ...) on its device, in its own dtype -> float32 as the model was trained to see it.
+
+    ``stats`` holds per channel (low, high) percentiles or (mean, std). *slab*: planes
+    per step along axis 1 (0: all at once; a few keep a CPU's work in its cache).
     """
-    out = data.astype(np.float32, copy=True)
-    if norm.kind == "none":
-        return out
-    for c, (a, b) in enumerate(stats):
-        if norm.kind == "percentile":
-            out[c] -= a
-            out[c] /= max(b - a, 1e-6)
-        else:
-            out[c] -= a
-            out[c] /= max(b, 1e-6)
+    if raw.dtype == torch.int16 and getattr(raw, "_unetflow_uint16", False):
+        raw = raw.to(torch.int32).bitwise_and_(0xFFFF)  # uint16 crossed as int16 bits
+    out = torch.empty(raw.shape, dtype=torch.float32, device=raw.device)
+    n = raw.shape[1] if raw.dim() > 1 else 1
+    step = n if slab <= 0 or raw.dim() < 2 else slab
+    for c in range(raw.shape[0]):
+        for z in range(0, n, step):
+            part = out[c, z : z + step] if raw.dim() > 1 else out[c]
+            part.copy_(raw[c, z : z + step] if raw.dim() > 1 else raw[c])
+            if norm.kind == "none":
+                continue
+            a, b = stats[c]
+            part.sub_(a).div_(max(b - a, 1e-6) if norm.kind == "percentile" else max(b, 1e-6))
     return out
+
+
+def normalise(data: np.ndarray, norm: NormSpec, stats: tuple[tuple[float, float], ...]) -> np.ndarray:
+    """Raw input (C, ...) ndarray -> float32 ndarray: :func:`normalise_tensor` on the host."""
+    return normalise_tensor(torch.from_numpy(_uploadable(data)), norm, stats).numpy()
+
+
+def _uploadable(data: np.ndarray) -> np.ndarray:
+    data = np.ascontiguousarray(data)
+    return data if data.dtype in _UPLOAD_DTYPES else data.astype(np.float32)
 
 
 def norm_stats(samples: np.ndarray, norm: NormSpec) -> tuple[tuple[float, float], ...]:
@@ -134,35 +192,83 @@ def norm_stats(samples: np.ndarray, norm: NormSpec) -> tuple[tuple[float, float]
     return tuple((float(m), float(d)) for m, d in zip(s.mean(axis=1), s.std(axis=1)))
 
 
-def predict_block(job: BlockJob, block: Block, image: np.ndarray, predictor: Predictor) -> np.ndarray:
-    """Blended predictions over the block's write box: (K, *write_box.shape) float32.
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8, "uint16": torch.uint16,
+                 "uint32": torch.uint32, "uint64": torch.uint64}
 
-    *image* is the normalised read box, ndarray float32 of shape (C, *read_box.shape).
+
+def written_dtype(output: OutputSpec) -> torch.dtype:
+    """The torch dtype converted values have on the device (instances: the uint8 class map)."""
+    if output.kind == "instances":
+        return torch.uint8
+    if output.kind == "labels" and output.dtype != "uint8":
+        return torch.int32  # argmax ids; widened to the written unsigned type on the host
+    return _TORCH_DTYPES[output.dtype]
+
+
+def convert_values(values: torch.Tensor, output: OutputSpec, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Blended values (K, ...) float32 -> what is written, on their device (into *out* if given).
+
+    ``probabilities`` in a dtype (uint8: x255, rounded half to even, clipped); ``labels``:
+    the argmax; ``instances``: the class map of :func:`unetflow.label.instance_classes`.
     """
-    return predict_patches(job.plan, block, image, predictor, batch_size=auto_batch_size(predictor, job.plan.tiling.patch, job.batch_size))
+    if output.kind == "instances":
+        classes = values.argmax(dim=0).to(torch.uint8)
+        classes[(classes == INTERIOR) & (values[INTERIOR] < output.interior_threshold)] = BORDER_CLASS
+        result = classes
+    elif output.kind == "labels":
+        result = values.argmax(dim=0)
+    elif output.dtype == "uint8":
+        result = values.mul(255.0).round_().clamp_(0, 255)
+    else:
+        result = values
+    if out is None:
+        return result.to(written_dtype(output))
+    return out.copy_(result)
+
+
+def convert_output(values: np.ndarray, output: OutputSpec) -> tuple[np.ndarray, int]:
+    """Blended values (K, ...) ndarray -> what is written, and the block's object count (instances).
+
+    ``instances``: the block's confident-interior components numbered locally (steps 0
+    and 1 of :mod:`unetflow.label`).
+    """
+    data = _host_values(convert_values(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)), output), output)
+    if output.kind == "instances":
+        return local_components(data)
+    return data, 0
+
+
+def _host_values(t: torch.Tensor, output: OutputSpec) -> np.ndarray:
+    data = t.numpy()
+    if output.kind == "labels" and data.dtype != np.dtype(output.dtype):
+        data = data.astype(output.dtype)
+    return data
+
+
+# --- whole images and blocks in memory ------------------------------------------------------
 
 
 def predict_patches(plan: Plan, block: Block, image: np.ndarray, predictor: Predictor, *, batch_size: int) -> np.ndarray:
-    """Run the block's patches in global order, in batches, and blend them over its write box."""
-    tiling = plan.tiling
-    acc = Accumulator(block.write_box, predictor.info.classes, weighted=tiling.mode == "blend")
-    weights = tile_weights(tiling.tile, tiling.window) if tiling.mode == "blend" else None
-    starts = list(plan.patch_tile_starts(block))
-    keep = (slice(None),) + tuple(slice(o, o + t) for o, t in zip(tiling.out_offset, tiling.tile))
-    for i in range(0, len(starts), batch_size):
-        _check_cancelled(block)
-        chunk = starts[i : i + batch_size]
-        out = predictor(patch_batch(tiling, image, block.read_box, chunk))
-        for start, pred in zip(chunk, out):
-            acc.add(pred[keep], Box(start, tiling.tile), weights)
-    return acc.result()
+    """Blended predictions over *block*'s write box: (K, *write_box.shape) float32 ndarray.
 
+    *image* is the block's normalised read box (C, *read_box.shape) float32. The same
+    code as a streamed block (:func:`stream_block`), holding the whole write box.
+    """
+    w = block.write_box
+    out = np.empty((predictor.info.classes, *w.shape), dtype=np.float32)
+    image_t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
 
-def patch_batch(tiling: Tiling, image: np.ndarray, image_box: Box, starts: list[tuple[int, ...]]) -> np.ndarray:
-    """The input patches of the tiles at *starts*, cut from *image* (C, *image_box.shape))
-    and stacked: ndarray float32 of shape (len(starts), C, *patch)."""
-    boxes = [tiling.input_box(s).relative_to(image_box) for s in starts]
-    return np.stack([image[(slice(None),) + b.to_slices()] for b in boxes])
+    def read_row(box: Box) -> torch.Tensor:
+        rel = box.relative_to(block.read_box).to_slices()
+        return image_t[(slice(None), *rel)].to(predictor.device)
+
+    def emit(box: Box, held: PlaneWindow, n: int) -> None:
+        z = box.offset[0] - w.offset[0]
+        held.pop(n, lambda i, v: out[:, z + i : z + i + v.shape[1]].__setitem__(Ellipsis, v.cpu().numpy()))
+
+    stream_block(plan, block, predictor, Clock(predictor.device), read_row=read_row, emit=emit, batch_size=batch_size,
+                 flush_planes=w.shape[0])
+    return out
 
 
 def predict_array(predictor: Predictor, image: np.ndarray, tiling: Tiling, *, batch_size: int = 4, mirror: str = "reflect") -> np.ndarray:
@@ -179,66 +285,228 @@ def predict_array(predictor: Predictor, image: np.ndarray, tiling: Tiling, *, ba
     return predict_patches(plan, block, padded, predictor, batch_size=batch_size)
 
 
-def convert_output(values: np.ndarray, output: OutputSpec) -> tuple[np.ndarray, int]:
-    """Blended values (K, ...) -> what is written, and the block's object count (instances).
-
-    ``probabilities`` in a dtype; ``labels``: the argmax; ``instances``: the block's
-    confident-interior components numbered locally (steps 0 and 1 of :mod:`unetflow.label`).
-    """
-    if output.kind == "instances":
-        return local_components(instance_classes(values, output.interior_threshold))
-    return _convert_values(values, output), 0
-
-
-def _convert_values(values: np.ndarray, output: OutputSpec) -> np.ndarray:
-    if output.kind == "labels":
-        return values.argmax(axis=0).astype(output.dtype)
-    if output.dtype == "uint8":
-        return np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
-    return values.astype(output.dtype, copy=False)
+# --- one block of a run ----------------------------------------------------------------------
 
 
 def run_block(job: BlockJob, block_id: int) -> BlockResult:
     """Compute and write one block. Idempotent: running it twice writes the same bytes.
 
-    The block streams along axis 0 (see :func:`predict_block_streamed`): a reader
-    thread reads and normalises the next row of patches while the model computes this
-    one, and a writer thread converts, compresses and writes finished planes meanwhile.
+    Raises
+    ------
+    ConfigError
+        The GPU ran out of memory (names --batch-size and --patch-shape).
     """
     t0 = time.perf_counter()
     block = job.plan.block(block_id)
     skipped = skip_reason(job, block)
     if skipped:
-        t1 = time.perf_counter()
         log.debug("block %d skipped (%s)", block_id, skipped)
-        return BlockResult(block_id, 0, block.write_box.size, t1 - t0, 0.0, 0.0, "-", os.getpid(),
-                           seconds_wall=t1 - t0, peak_rss=peak_rss(), skipped=skipped)
+        return BlockResult(block_id, 0, block.write_box.size, "-", os.getpid(), seconds_wall=time.perf_counter() - t0,
+                           peak_rss=peak_rss(), skipped=skipped)
     predictor = get_predictor(job.source, device=job.device, amp=job.amp, threads=job.threads, compile=job.compile)
-    if job.output.kind == "instances":  # components need the whole block at once
-        return _run_block_whole(job, block, predictor, t0)
-    tel = Telemetry()
-    predict_block_streamed(job, block, predictor, tel)
+    amp_check = predictor.check_amp(job.plan.tiling.patch)
+    clock = Clock(predictor.device)
+    try:
+        with torch.inference_mode():
+            objects = _run_block(job, block, predictor, clock)
+    except torch.cuda.OutOfMemoryError:
+        raise out_of_memory(predictor.device, (auto_batch_size(predictor, job.plan.tiling.patch, job.batch_size), 0, *job.plan.tiling.patch)) from None
     wall = time.perf_counter() - t0
-    log.debug(
-        "block %d write %s read %s patches %d read %.3fs compute %.3fs write %.3fs wait %.3fs wall %.3fs on %s",
-        block_id, block.write_box, block.read_box, block.n_patches, tel.read, tel.compute, tel.write, tel.wait, wall, predictor.device,
-    )
-    return BlockResult(block_id, block.n_patches, block.write_box.size, tel.read, tel.compute, tel.write, str(predictor.device),
-                       os.getpid(), seconds_wait=tel.wait, seconds_wall=wall, peak_rss=peak_rss())
+    stages = clock.totals()
+    log.debug("block %d write %s read %s patches %d on %s: %.3fs, %s", block_id, block.write_box, block.read_box, block.n_patches,
+              predictor.device, wall, ", ".join(f"{k} {v:.3f}s" for k, v in stages.items() if v))
+    return BlockResult(block_id, block.n_patches, block.write_box.size, str(predictor.device), os.getpid(), stages=stages,
+                       seconds_wall=wall, objects=objects, peak_rss=peak_rss(), lanes=predictor.lanes,
+                       write_threads=_write_threads(job), amp_check=amp_check)
 
 
-def _run_block_whole(job: BlockJob, block: Block, predictor: Predictor, t0: float) -> BlockResult:
-    """Read, predict, convert and write the whole block in one go (instances output)."""
-    raw = store.read_box(_open_input(job.input_path, job.input_level), block.read_box, layout=job.layout, mode=job.mirror, name=job.input_path)
-    image = normalise(raw, job.norm, job.norm_stats)
-    t1 = time.perf_counter()
-    values = predict_block(job, block, image, predictor)
-    data, objects = convert_output(values, job.output)
-    t2 = time.perf_counter()
-    store.write_box(_open_output(job.output_path), block.write_box, data, channel_axis=job.output.kind == "probabilities")
-    t3 = time.perf_counter()
-    return BlockResult(block.block_id, block.n_patches, block.write_box.size, t1 - t0, t2 - t1, t3 - t2, str(predictor.device),
-                       os.getpid(), objects, seconds_wall=t3 - t0, peak_rss=peak_rss())
+def _write_threads(job: BlockJob) -> int:
+    return job.write_threads if job.write_threads > 0 else WRITE_THREADS
+
+
+def _run_block(job: BlockJob, block: Block, predictor: Predictor, clock: Clock) -> int:
+    """Stream *block* through the predictor and write it; the object count (instances)."""
+    moves = Transfers(predictor.device)
+    writer = _pool("write", _write_threads(job))
+    writes: collections.deque[Future[None]] = collections.deque()
+    whole = job.output.kind == "instances"  # components need the whole block at once
+    channel_axis = job.output.kind == "probabilities"
+    dtype = written_dtype(job.output)
+    slab = 0 if predictor.device.type == "cuda" else _cpu_slab(predictor.info.classes, block.write_box)
+    objects = [0]
+
+    rows = RowReader(job, block)
+
+    def read_row(box: Box) -> tuple[torch.Tensor, Any]:
+        with clock.host("read"):
+            raw = rows(box)
+        with clock.device("upload", moves.up):
+            return moves.upload(raw, job.norm, job.norm_stats, slab=slab)
+
+    def write(box: Box, host: torch.Tensor, ready: Any) -> None:
+        with clock.host("write"):
+            moves.wait(ready)
+            data = _host_values(host, job.output)
+            if whole:
+                data, objects[0] = local_components(data)
+            store.write_box(_open_output(job.output_path), box, data, channel_axis=channel_axis)
+        moves.release(host)
+
+    def emit(box: Box, held: PlaneWindow, n: int) -> None:
+        shape = (predictor.info.classes, *box.shape) if channel_axis else tuple(box.shape)
+        with clock.device("convert"):
+            out = moves.output_buffer(shape, dtype)
+            held.pop(n, lambda i, v: convert_values(v, job.output, out[:, i : i + v.shape[1]] if channel_axis else out[i : i + v.shape[1]]),
+                     slab=slab)
+        with clock.device("download", moves.down):
+            host, ready = moves.download(out)
+        with clock.host("wait_write"):
+            while len(writes) >= MAX_PENDING_WRITES:  # bounded queue: memory stays flat if writes are slow
+                writes.popleft().result()
+        writes.append(writer.submit(write, box, host, ready))
+
+    try:
+        stream_block(job.plan, block, predictor, clock, read_row=read_row, emit=emit, batch_size=job.batch_size,
+                     flush_planes=0 if whole else job.flush_planes, arrive=moves.arrive)
+    finally:
+        with clock.host("drain"):
+            while writes:
+                writes.popleft().result()
+    return objects[0]
+
+
+def _cpu_slab(classes: int, box: Box, elements: int = 2**20) -> int:
+    """Planes per step when finishing planes on a CPU: about *elements* values, cache-sized."""
+    return max(1, elements // max(1, classes * math.prod(box.shape[1:])))
+
+
+class Transfers:
+    """Host <-> device copies on their own CUDA streams, ordered by events; on a CPU,
+    nothing is copied.
+
+    ``upload`` (reader thread): raw row -> pinned memory -> device (in its own dtype;
+    uint16 as int16 bits) -> normalised float32, on the upload stream. ``arrive`` (block
+    loop) makes the compute stream wait for it. ``download``: converted planes -> pinned
+    host memory on the download stream; ``wait`` (writer thread) until they are there.
+    Pinned buffers come from torch's caching host allocator, reused once their copy is done.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.up = torch.cuda.Stream(device) if self.cuda else None
+        self.down = torch.cuda.Stream(device) if self.cuda else None
+
+    def upload(self, raw: np.ndarray, norm: NormSpec, stats: tuple[tuple[float, float], ...], *, slab: int = 0) -> tuple[torch.Tensor, Any]:
+        data = _uploadable(raw)
+        uint16 = data.dtype == np.uint16 and self.cuda
+        host = torch.from_numpy(data.view(np.int16) if uint16 else data)
+        if not self.cuda:
+            return normalise_tensor(host, norm, stats, slab=slab), None
+        with torch.cuda.stream(self.up):
+            x = host.pin_memory().to(self.device, non_blocking=True)
+            image = normalise_tensor(x, norm, stats, uint16_bits=uint16)
+            return image, self.up.record_event()
+
+    def arrive(self, image: torch.Tensor, ready: Any) -> torch.Tensor:
+        if ready is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(ready)
+            image.record_stream(stream)
+        return image
+
+    def output_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Where converted planes go: device memory (torch's cache), or on a CPU a host
+        buffer reused across flushes and blocks (a fresh one would page-fault in again)."""
+        if self.cuda:
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        return _HOST_BUFFERS.take(shape, dtype)
+
+    def release(self, host: torch.Tensor) -> None:
+        """*host* (from :meth:`download`) was written: on a CPU it goes back to the pool."""
+        if not self.cuda:
+            _HOST_BUFFERS.give(host)
+
+    def download(self, values: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        if not self.cuda:
+            return values, None
+        computed = torch.cuda.current_stream(self.device).record_event()
+        with torch.cuda.stream(self.down):
+            self.down.wait_event(computed)
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            values.record_stream(self.down)
+            return host, self.down.record_event()
+
+    @staticmethod
+    def wait(ready: Any) -> None:
+        if ready is not None:
+            ready.synchronize()
+
+
+class HostBuffers:
+    """Host tensors kept for reuse, a few per shape and dtype (thread-safe)."""
+
+    def __init__(self, keep: int = MAX_PENDING_WRITES + 1) -> None:
+        self.keep = keep
+        self._free: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = collections.defaultdict(list)
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get((tuple(shape), dtype))
+            if free:
+                return free.pop()
+        return torch.empty(shape, dtype=dtype)
+
+    def give(self, t: torch.Tensor) -> None:
+        with self._lock:
+            free = self._free[(tuple(t.shape), t.dtype)]
+            if len(free) < self.keep:
+                free.append(t)
+            if len(self._free) > 4:  # other block shapes came and went: keep the latest kinds only
+                for key in list(self._free)[: len(self._free) - 4]:
+                    del self._free[key]
+
+
+class RowReader:
+    """A block's rows of input (each a patch deep along axis 0), read in whole input
+    chunks along axis 0 and kept while later rows need them: consecutive rows overlap,
+    and each chunk is decoded once (reading each row on its own decoded the chunks
+    under an overlap twice). Inputs chunked deeper than four patches are read row by row.
+    """
+
+    def __init__(self, job: BlockJob, block: Block) -> None:
+        self.job = job
+        self.array = _open_input(job.input_path, job.input_level)
+        chunks = getattr(self.array, "chunks", None)
+        depth = int(chunks[1 if job.layout.has_channel else 0]) if chunks else 0
+        self.depth = depth if 0 < depth <= 4 * job.plan.tiling.patch[0] else 0
+        self.lo, self.hi = block.read_box.offset[0], block.read_box.stop[0]
+        self._slabs: dict[int, np.ndarray] = {}
+
+    def _read(self, box: Box) -> np.ndarray:
+        j = self.job
+        return store.read_box(self.array, box, layout=j.layout, mode=j.mirror, name=j.input_path)
+
+    def __call__(self, box: Box) -> np.ndarray:
+        if not self.depth:
+            return self._read(box)
+        d, z0, z1 = self.depth, box.offset[0], box.stop[0]
+        first, last = z0 // d, (z1 - 1) // d
+        for k in [k for k in self._slabs if k < first]:
+            del self._slabs[k]
+        parts = []
+        for k in range(first, last + 1):
+            if k not in self._slabs:
+                a, b = max(k * d, self.lo), min((k + 1) * d, self.hi)
+                self._slabs[k] = self._read(Box((a, *box.offset[1:]), (b - a, *box.shape[1:])))
+            a = max(k * d, self.lo)
+            parts.append(self._slabs[k][:, max(z0, a) - a : min(z1, (k + 1) * d) - a])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+_HOST_BUFFERS = HostBuffers()
 
 
 def peak_rss() -> int:
@@ -257,10 +525,10 @@ def peak_rss() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-# --- the per-worker pipeline (issue 6) ------------------------------------------------
+# --- the streamed block loop -----------------------------------------------------------------
 
 _POOLS: dict[str, ThreadPoolExecutor] = {}
-MAX_PENDING_WRITES = 2
+_POOLS_LOCK = threading.Lock()
 _CANCELLED = threading.Event()
 
 
@@ -287,110 +555,79 @@ def _check_cancelled(block: Block) -> None:
         raise BlockCancelled(f"block {block.block_id} stopped: its run failed or was interrupted")
 
 
-def _pool(name: str) -> ThreadPoolExecutor:
-    """One reader and one writer thread per worker process, kept across blocks."""
-    if name not in _POOLS:
-        _POOLS[name] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"unetflow-{name}")
-    return _POOLS[name]
+def _pool(name: str, threads: int = 1) -> ThreadPoolExecutor:
+    """The worker process's reader (one thread) and writer pool, kept across blocks."""
+    key = f"{name}-{threads}"
+    with _POOLS_LOCK:
+        if key not in _POOLS:
+            _POOLS[key] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"unetflow-{name}")
+        return _POOLS[key]
 
 
-@dataclass
-class Telemetry:
-    """Seconds per stage of one block: reader and writer threads, model, and idle waits."""
-
-    read: float = 0.0
-    compute: float = 0.0
-    write: float = 0.0
-    wait: float = 0.0
-
-
-def _rows(job: BlockJob, block: Block) -> list[tuple[int, list[tuple[int, ...]]]]:
+def _rows(plan: Plan, block: Block) -> list[tuple[int, list[tuple[int, ...]]]]:
     """The block's patch tile starts grouped by axis-0 start, in the global order."""
-    starts = list(job.plan.patch_tile_starts(block))
+    starts = list(plan.patch_tile_starts(block))
     return [(s0, list(group)) for s0, group in itertools.groupby(starts, key=lambda s: s[0])]
 
 
-def _row_read_box(job: BlockJob, block: Block, s0: int) -> Box:
-    t = job.plan.tiling
+def _row_read_box(plan: Plan, block: Block, s0: int) -> Box:
+    t = plan.tiling
     rb = block.read_box
     return Box((s0 - t.context[0], *rb.offset[1:]), (t.patch[0], *rb.shape[1:]))
 
 
-def _read(job: BlockJob, box: Box, tel: Telemetry) -> np.ndarray:
-    t0 = time.perf_counter()
-    raw = store.read_box(_open_input(job.input_path, job.input_level), box, layout=job.layout, mode=job.mirror, name=job.input_path)
-    image = normalise(raw, job.norm, job.norm_stats)
-    tel.read += time.perf_counter() - t0
-    return image
-
-
-def _write(job: BlockJob, box: Box, values: np.ndarray, tel: Telemetry) -> None:
-    t0 = time.perf_counter()
-    data, _ = convert_output(values, job.output)
-    store.write_box(_open_output(job.output_path), box, data, channel_axis=job.output.kind == "probabilities")
-    tel.write += time.perf_counter() - t0
-
-
-def _flush_to(job: BlockJob, write_box: Box, next_start: int | None) -> int:
+def _flush_to(write_box: Box, unit: int, next_start: int | None) -> int:
     """Planes (axis 0) below the returned index are final and may be written now."""
     stop = write_box.stop[0]
     if next_start is None:
         return stop
     done = min(next_start, stop)
-    unit = job.flush_planes or write_box.shape[0]
     return write_box.offset[0] + ((done - write_box.offset[0]) // unit) * unit
 
 
-def predict_block_streamed(job: BlockJob, block: Block, predictor: Predictor, tel: Telemetry) -> None:
-    """Predict and write *block* one row of patches (same axis-0 start) at a time.
+def stream_block(plan: Plan, block: Block, predictor: Predictor, clock: Clock, *,
+                 read_row: Callable[[Box], Any], emit: Callable[[Box, PlaneWindow, int], None], batch_size: int,
+                 flush_planes: int = 0, arrive: Callable[[torch.Tensor, Any], torch.Tensor] | None = None) -> None:
+    """Predict *block* one row of patches (same axis-0 start) at a time, in the global order.
 
-    Same sums in the same global order as :func:`predict_block`, so the same bytes;
-    but only the planes that open patches still touch are held (memory does not grow
-    with the block's first axis), and reading, computing, blending and writing overlap:
+    *read_row* (box) returns the normalised input of a row's read box on the device
+    (or a pair (tensor, ready event) that *arrive* turns into it); it runs on the reader
+    thread, one row ahead. Whenever planes are final (whole multiples of *flush_planes*,
+    0: the whole write box), ``emit(box, held, n)`` must finish them with ``held.pop(n, ...)``.
+
+    Only the planes that open patches still touch are held (memory does not grow with
+    the block's first axis), and reading, computing and writing overlap:
 
         reader:  read r1   read r2          read r3
         lanes:   .......   patches of r1, r2, r3, ... back to back (2 per lane in flight)
-        this:              blend in order; at each row's end hand its final planes to
-        writer:                                 convert, compress, write
+        this:              cut, blend in order; at each row's end emit its final planes
 
-    The lanes never wait for a row to end, for blending or for I/O: a row whose patch
-    count is not a multiple of the lanes does not leave a lane idle.
+    The lanes never wait for a row to end or for blending: ``2 * lanes`` forward passes
+    are in flight (on a GPU they are queued on its stream, nothing waits for them).
     """
-    tiling = job.plan.tiling
-    weighted = tiling.mode == "blend"
-    weights = tile_weights(tiling.tile, tiling.window) if weighted else None
+    tiling = plan.tiling
+    kind = tiling.window if tiling.mode == "blend" else None
     keep = (slice(None),) + tuple(slice(o, o + t) for o, t in zip(tiling.out_offset, tiling.tile))
-    batch_size = auto_batch_size(predictor, tiling.patch, job.batch_size)
-    per_call = max(1, batch_size // predictor.lanes)
+    per_call = max(1, auto_batch_size(predictor, tiling.patch, batch_size) // predictor.lanes)
     w = block.write_box
-    rows = _rows(job, block)
-    writer = _pool("write")
-    writes: collections.deque[Future[None]] = collections.deque()
-    unit = job.flush_planes or w.shape[0]
-    held = PlaneWindow(w, predictor.info.classes, weighted=weighted, capacity=tiling.tile[0] + unit)
+    rows = _rows(plan, block)
+    unit = flush_planes or w.shape[0]
+    held = PlaneWindow(w, predictor.info.classes, tile=tiling.tile, starts=plan.starts, kind=kind,
+                       capacity=tiling.tile[0] + unit, device=predictor.device)
 
     def flush(next_start: int | None) -> None:
-        n = _flush_to(job, w, next_start) - held.start
-        if n <= 0:
-            return
-        box = Box((held.start, *w.offset[1:]), (n, *w.shape[1:]))
-        values = held.pop(n)
-        t0 = time.perf_counter()
-        while len(writes) >= MAX_PENDING_WRITES:  # bounded queue: memory stays flat if writes are slow
-            writes.popleft().result()
-        tel.wait += time.perf_counter() - t0
-        writes.append(writer.submit(_write, job, box, values, tel))
+        n = _flush_to(w, unit, next_start) - held.start
+        if n > 0:
+            emit(Box((held.start, *w.offset[1:]), (n, *w.shape[1:])), held, n)
 
-    batches = _row_batches(job, block, rows, per_call, tel)
-    in_flight: collections.deque[tuple[int, list[tuple[int, ...]], Future[np.ndarray]]] = collections.deque()
+    in_flight: collections.deque[tuple[int, list[tuple[int, ...]], Future[torch.Tensor]]] = collections.deque()
     row = -1
-    t_start = time.perf_counter()
-    wait_before = tel.wait
+    batches = _row_batches(plan, block, rows, per_call, clock, read_row, arrive)
     for item in itertools.chain(batches, itertools.repeat(None)):
         _check_cancelled(block)
         if item is not None:
             i, chunk, batch = item
-            in_flight.append((i, chunk, predictor.submit(batch)))
+            in_flight.append((i, chunk, predictor.submit(batch, clock)))
             if len(in_flight) < 2 * predictor.lanes:
                 continue
         if not in_flight:
@@ -401,35 +638,45 @@ def predict_block_streamed(job: BlockJob, block: Block, predictor: Predictor, te
                 flush(rows[i][0])
             held.extend(rows[i][0] + tiling.tile[0])
             row = i
-        acc = held.acc
-        for start, pred in zip(chunk, future.result()):
-            acc.add(pred[keep], Box(start, tiling.tile), weights)
+        with clock.host("wait_model") if predictor.lanes > 1 else contextlib.nullcontext():
+            out = future.result()
+        with clock.device("blend"):
+            for start, pred in zip(chunk, out):
+                held.add(pred[keep], Box(start, tiling.tile))
     flush(None)
-    t3 = time.perf_counter()
-    tel.compute += (t3 - t_start) - (tel.wait - wait_before)  # waiting on the lanes and blending
-    while writes:
-        writes.popleft().result()
-    tel.wait += time.perf_counter() - t3
 
 
-def _row_batches(
-    job: BlockJob, block: Block, rows: list[tuple[int, list[tuple[int, ...]]]], per_call: int, tel: Telemetry,
-) -> Iterator[tuple[int, list[tuple[int, ...]], np.ndarray]]:
-    """(row index, tile starts, input batch) for every forward pass of *block*, in the
-    global order; the reader thread reads and normalises the next row meanwhile."""
-    tiling = job.plan.tiling
+def _row_batches(plan: Plan, block: Block, rows: list[tuple[int, list[tuple[int, ...]]]], per_call: int, clock: Clock,
+                 read_row: Callable[[Box], Any], arrive: Callable[[torch.Tensor, Any], torch.Tensor] | None,
+                 ) -> Iterator[tuple[int, list[tuple[int, ...]], torch.Tensor]]:
+    """(row index, tile starts, input batch on the device) for every forward pass of *block*,
+    in the global order; the reader thread reads the next row meanwhile."""
+    tiling = plan.tiling
     reader = _pool("read")
-    pending = reader.submit(_read, job, _row_read_box(job, block, rows[0][0]), tel)
+    pending = reader.submit(read_row, _row_read_box(plan, block, rows[0][0]))
     for i, (s0, starts) in enumerate(rows):
-        t0 = time.perf_counter()
-        image = pending.result()
-        tel.wait += time.perf_counter() - t0
+        with clock.host("wait_read"):
+            image = pending.result()
+        if arrive is not None:
+            image = arrive(*image)
         if i + 1 < len(rows):
-            pending = reader.submit(_read, job, _row_read_box(job, block, rows[i + 1][0]), tel)
-        row_box = _row_read_box(job, block, s0)
+            pending = reader.submit(read_row, _row_read_box(plan, block, rows[i + 1][0]))
+        row_box = _row_read_box(plan, block, s0)
         for k in range(0, len(starts), per_call):
             chunk = starts[k : k + per_call]
-            yield i, chunk, patch_batch(tiling, image, row_box, chunk)
+            with clock.device("cut"):
+                batch = patch_batch(tiling, image, row_box, chunk)
+            yield i, chunk, batch
+        del image
+
+
+def patch_batch(tiling: Tiling, image: torch.Tensor, image_box: Box, starts: list[tuple[int, ...]]) -> torch.Tensor:
+    """The input patches of the tiles at *starts*, cut from *image* (C, *image_box.shape)
+    on its device and stacked: (len(starts), C, *patch)."""
+    boxes = [tiling.input_box(s).relative_to(image_box) for s in starts]
+    if len(boxes) == 1:  # a view: one patch needs no copy (the net reads it strided)
+        return image[(slice(None),) + boxes[0].to_slices()].unsqueeze(0)
+    return torch.stack([image[(slice(None),) + b.to_slices()] for b in boxes])
 
 
 # --- skipping blocks without signal ---------------------------------------------------

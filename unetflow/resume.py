@@ -362,9 +362,12 @@ class Tally:
     seconds: float = 0.0
     peak_rss: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage (unetflow.telemetry.STAGES)
 
-    def add(self, outcome: Outcome, voxels: int, seconds: float) -> None:
+    def add(self, outcome: Outcome, voxels: int, seconds: float, stages: dict[str, float] | None = None) -> None:
         self.blocks += 1
+        for k, v in (stages or {}).items():
+            self.stages[k] = self.stages.get(k, 0.0) + v
         self.voxels += voxels
         self.seconds += seconds
         self.peak_rss = max(self.peak_rss, outcome.peak_rss)
@@ -375,4 +378,5 @@ class Tally:
             **self.extra, "blocks": self.blocks, "voxels": self.voxels, "seconds": round(self.seconds, 3),
             "voxels_per_second": round(self.voxels / self.seconds, 1) if self.seconds > 0 else 0.0,
             "peak_memory_mb": round(self.peak_rss / 2**20, 1),
+            "stages": {k: round(v, 3) for k, v in self.stages.items()},
         }

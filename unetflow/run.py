@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 import unetflow
-from unetflow import resume, schedule, store
+from unetflow import resume, schedule, store, telemetry
 from unetflow.config import RunConfig, parse_shape, to_dict
 from unetflow.errors import BlockFailedError, ConfigError, OutputExistsError, ShapeError
 from unetflow.infer import BlockJob, BlockResult, OutputSpec, cancel_blocks, norm_stats, run_block
@@ -94,7 +94,7 @@ def prepare(config: RunConfig, *, source: Any = None) -> Prepared:
     net = source.load()
     info = net_info(net)
     spec = net.spec.to_dict() if hasattr(net, "spec") else None
-    norm = net.spec.norm if hasattr(net, "spec") else _no_norm()
+    norm = net.spec.norm if hasattr(net, "spec") else getattr(net, "norm", None) or _no_norm()
     array = store.open_input(config.input, level=config.level)
     layout = store.layout_for(array, info.dims, name=config.input)
     if layout.channels != info.in_channels:
@@ -303,7 +303,7 @@ def _segment(p: Prepared, report: RunReport, run_dir: resume.RunDir, dispatch: s
                 report.results.append(result)
                 report.blocks_done += 1
                 report.voxels += result.voxels
-                report.workers.setdefault(outcome.worker, resume.Tally()).add(outcome, result.voxels, result.seconds)
+                report.workers.setdefault(outcome.worker, resume.Tally()).add(outcome, result.voxels, result.seconds, result.stages)
                 bar.update(1)
                 bar.set_postfix_str(f"{report.voxels / max(time.perf_counter() - t0, 1e-9):.3g} vox/s")
                 log.info(json.dumps(block_log(p, result, outcome)))
@@ -313,7 +313,7 @@ def _segment(p: Prepared, report: RunReport, run_dir: resume.RunDir, dispatch: s
             if p.output.kind == "instances" and not failures:
                 label_instances(p, job, report.results, dispatch)
         report.seconds = time.perf_counter() - t0
-        report.telemetry = telemetry_summary(report.results, report.seconds)
+        report.telemetry = telemetry.summary(report.results)
         log.info("telemetry: %s", report.telemetry["verdict"])
         report.failures = [failure_entry(p, f) for f in failures]
         finished = run_dir.path / "ome-finished"
@@ -532,32 +532,8 @@ def make_job(p: Prepared, stats: Sequence[Sequence[float]]) -> BlockJob:
         threads=schedule.cpu_threads_per_worker(c.cluster) if c.cluster.kind != "inline" else 0,
         flush_planes=(p.shard_shape or p.chunk_shape)[0], skip_empty=c.skip.empty, skip_threshold=c.skip.threshold,
         mask_path=os.path.abspath(c.skip.mask) if c.skip.mask else None, compile=c.compile,
-        input_level=c.level,
+        input_level=c.level, write_threads=c.output_settings.write_threads,
     )
-
-
-def telemetry_summary(results: Sequence[BlockResult], seconds: float) -> dict[str, Any]:
-    """Totals over blocks: read, compute, write and wait seconds, skips, peak RSS per
-    worker, the model's busy fraction, and a one-line verdict on what it waited for."""
-    ran = [r for r in results if not r.skipped]
-    total = {k: round(sum(getattr(r, f"seconds_{k}") for r in ran), 3) for k in ("read", "compute", "write", "wait", "wall")}
-    rss: dict[int, int] = {}
-    for r in results:
-        rss[r.pid] = max(rss.get(r.pid, 0), r.peak_rss)
-    busy = total["compute"] / total["wall"] if total["wall"] > 0 else 0.0
-    devices = sorted({r.device for r in ran})
-    what = "GPU" if any(d.startswith("cuda") for d in devices) else "model"
-    waited = total["wait"] / total["wall"] if total["wall"] > 0 else 0.0
-    verdict = (
-        f"{what} busy {busy:.0%} of block time; waited on I/O {total['wait']:.2f}s ({waited:.0%})"
-        + ("; I/O is the bottleneck: use more workers per GPU or faster storage" if waited > 0.15 else "; I/O hidden behind compute")
-    )
-    return {
-        "seconds": total, "busy": round(busy, 4), "waited_fraction": round(waited, 4), "devices": devices,
-        "blocks_skipped": {k: sum(r.skipped == k for r in results) for k in ("empty", "mask")},
-        "peak_rss_per_worker_mb": {str(pid): round(v / 2**20, 1) for pid, v in sorted(rss.items())},
-        "verdict": verdict,
-    }
 
 
 def _progress(total: int, *, enabled: bool) -> Any:

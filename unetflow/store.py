@@ -133,8 +133,8 @@ def read_box(array: zarr.Array, box: Box, *, layout: Layout, mode: str = "reflec
             "restore the chunk from a copy or re-write the input"
         ) from None
     data = np.asarray(data)
-    if all(len(i) == b - a for i, a, b in zip(index, lo, hi)):
-        return data  # no voxel mirrored: the read is the box itself
+    if all(len(i) == b - a and (len(i) < 2 or i[1] > i[0]) for i, a, b in zip(index, lo, hi)):
+        return data  # no voxel mirrored: the read is the box itself (a box wholly outside reads reversed)
     return data[np.ix_(range(data.shape[0]), *[i - a for i, a in zip(index, lo)])]
 
 

@@ -1,13 +1,14 @@
 """A network resident on one device: what a worker keeps between blocks.
 
-:class:`Predictor` runs float32 patches through the net (CPU lanes side by side, or
-one GPU with pinned buffers and mixed precision); :func:`get_predictor` loads it once
+:class:`Predictor` runs batches of patches through the net on its device (CPU lanes
+side by side, or one GPU, channels-last, with guarded mixed precision); :func:`get_predictor` loads it once
 per process and then reuses it. A :class:`NetSource` is the small picklable recipe that
 travels to the workers instead of the weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -91,22 +92,28 @@ def torch_huge_pages() -> bool:
     return False
 
 
-class Predictor:
-    """A resident network on one device: float32 patches in, activated outputs out.
+AMP_MEAN_TOLERANCE = 0.02  # mean |probability difference| bf16 vs float32 on the probe batch
+AMP_FLIP_TOLERANCE = 0.02  # fraction of probe voxels whose argmax may differ
 
-    On a GPU the net runs channels-last, batches go through a pinned host buffer with
-    non-blocking copies, and ``amp`` runs it in bf16 (fp16 where bf16 is missing).
+
+class Predictor:
+    """A resident network on one device: device tensors in, activated float32 outputs out.
+
+    Batches stay on the device (:meth:`run`): the block engine cuts them from rows it
+    uploaded and blends the outputs there (:mod:`unetflow.infer`). On a GPU the net runs
+    channels-last and ``amp`` runs it in bf16 (fp16 where bf16 is missing), guarded by
+    :meth:`check_amp`; on a CPU *lanes* forward passes run side by side, one torch thread each.
     """
 
     def __init__(self, net: torch.nn.Module, *, device: torch.device, amp: bool, compile: bool = False, lanes: int = 1) -> None:
         self.info = net_info(net)
         self.device = device
         self.amp = amp
+        self.amp_check: dict[str, Any] | None = None  # what check_amp measured
         # CPU: *lanes* patches run side by side, one torch thread each (see get_predictor)
         self.lanes = max(1, lanes) if device.type == "cpu" else 1
         self._lane_pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="unetflow-lane")
         self.net = net.to(device).eval()
-        self._pinned: torch.Tensor | None = None
         self.memory_format = torch.preserve_format
         if device.type == "cuda":
             self.memory_format = torch.channels_last_3d if self.info.dims == 3 else torch.channels_last
@@ -114,54 +121,91 @@ class Predictor:
         self.amp_dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
         self.forward = torch.compile(self.net, dynamic=False) if compile else self.net
 
-    def _to_device(self, batch: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(batch)
-        if self.device.type != "cuda":
-            return x
-        if self._pinned is None or self._pinned.numel() < x.numel():
-            self._pinned = torch.empty(x.numel(), dtype=torch.float32, pin_memory=True)
-        staged = self._pinned[: x.numel()].view(x.shape).copy_(x)
-        return staged.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """*batch*: ndarray float32 of shape (B, C, *patch) -> (B, K, *out) float32.
-
-        On CPU with several lanes the batch is split across them (torch releases the GIL).
-        """
-        if self.lanes < 2 or len(batch) < 2:
-            return self._predict(batch)
-        parts = np.array_split(batch, min(self.lanes, len(batch)))
-        return np.concatenate(list(self._lane_pool.map(self._predict, parts)))
-
-    def submit(self, batch: np.ndarray) -> Future[np.ndarray]:
-        """Start one forward pass of *batch* on a free lane (the device's own thread on a
-        GPU); the caller keeps ``2 * lanes`` in flight so that no lane waits for it."""
-        return self._lane_pool.submit(self._predict, batch)
+    def submit(self, batch: torch.Tensor, clock: Any = None) -> Future[torch.Tensor]:
+        """Start one forward pass of *batch* (on the device): on a free CPU lane, or (GPU,
+        one lane) queued on the device's stream right away, without waiting for it. The
+        caller keeps ``2 * lanes`` in flight so that no lane waits for it."""
+        if self.lanes > 1:
+            return self._lane_pool.submit(self.run, batch, clock)
+        done: Future[torch.Tensor] = Future()
+        try:
+            done.set_result(self.run(batch, clock))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+            done.set_exception(e)
+        return done
 
     @torch.inference_mode()
-    def _predict(self, batch: np.ndarray) -> np.ndarray:
-        """One forward pass: ndarray float32 of shape (B, C, *patch) -> (B, K, *out) float32.
+    def run(self, batch: torch.Tensor, clock: Any = None, *, amp: bool | None = None) -> torch.Tensor:
+        """One forward pass: (B, C, *patch) on the device -> (B, K, *out) float32 on the device,
+        activated. *clock* (a :class:`unetflow.telemetry.Clock`) times it as ``forward``.
 
         Raises
         ------
         ConfigError
             The GPU ran out of memory: the message names ``--batch-size`` and ``--patch-shape``.
         """
+        use_amp = self.amp if amp is None else amp
         try:
-            x = self._to_device(batch)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-                y = self.forward(x)
-            y = y.float()
-            if self.info.activation == "softmax":
-                y = torch.softmax(y, dim=1)
-            elif self.info.activation == "sigmoid":
-                y = torch.sigmoid(y)
-            return y.cpu().numpy()
+            x = batch.to(self.device, non_blocking=True)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=self.memory_format)
+            with clock.device("forward") if clock is not None else contextlib.nullcontext():
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=use_amp):
+                    y = self.forward(x)
+                y = y.float()
+                if self.info.activation == "softmax":
+                    y = torch.softmax(y, dim=1)
+                elif self.info.activation == "sigmoid":
+                    y = torch.sigmoid(y)
+            return y
         except torch.cuda.OutOfMemoryError:
-            raise ConfigError(
-                f"out of GPU memory on {self.device} for a batch of {batch.shape[0]} patches of shape {tuple(batch.shape[2:])}; "
-                "pass a smaller --batch-size (or --batch-size 0 to size it from free memory) or a smaller --patch-shape"
-            ) from None
+            raise out_of_memory(self.device, batch.shape) from None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """*batch*: ndarray float32 of shape (B, C, *patch) -> (B, K, *out) float32 ndarray.
+
+        A host-side convenience (tests, benchmarks); on CPU with several lanes the batch
+        is split across them (torch releases the GIL).
+        """
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        if self.lanes < 2 or len(batch) < 2:
+            return self.run(x).cpu().numpy()
+        parts = torch.tensor_split(x, min(self.lanes, len(batch)))
+        return torch.cat(list(self._lane_pool.map(self.run, parts))).cpu().numpy()
+
+    def check_amp(self, patch: tuple[int, ...], *, mean_tolerance: float = AMP_MEAN_TOLERANCE,
+                  flip_tolerance: float = AMP_FLIP_TOLERANCE) -> dict[str, Any] | None:
+        """The bf16 guard: one probe batch in float32 and in the amp dtype; if the outputs
+        differ by more than *mean_tolerance* on average (probabilities) or the argmax on
+        more than a *flip_tolerance* fraction of voxels, warn once and run this model in
+        float32 from now on. bf16 3-D convolutions have been silently wrong on some
+        PyTorch/cuDNN versions (pytorch issue 163539). Once per predictor; None without amp."""
+        if not self.amp or self.amp_check is not None:
+            return self.amp_check
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn((1, self.info.in_channels, *patch), generator=g).to(self.device)
+        full = self.run(x, amp=False)
+        half = self.run(x, amp=True)
+        mean = float((full - half).abs().mean())
+        flips = float((full.argmax(1) != half.argmax(1)).float().mean()) if full.shape[1] > 1 else float(((full > 0.5) != (half > 0.5)).float().mean())
+        ok = math.isfinite(mean) and mean <= mean_tolerance and flips <= flip_tolerance
+        self.amp_check = {"dtype": str(self.amp_dtype).replace("torch.", ""), "mean_abs_diff": round(mean, 6), "argmax_flips": round(flips, 6),
+                          "kept": ok}
+        if not ok:
+            log.warning(
+                "%s on %s differs from float32 on a probe batch (mean |difference| %.3g > %.3g or argmax flips %.2g%% > %.2g%%): "
+                "running this model in float32 (slower); pass --no-amp to silence this", self.amp_check["dtype"], self.device,
+                mean, mean_tolerance, 100 * flips, 100 * flip_tolerance,
+            )
+            self.amp = False
+        return self.amp_check
+
+
+def out_of_memory(device: torch.device, shape: Any) -> ConfigError:
+    return ConfigError(
+        f"out of GPU memory on {device} for a batch of {shape[0]} patches of shape {tuple(shape[2:])}; "
+        "pass a smaller --batch-size (or --batch-size 0 to size it from free memory) or a smaller --patch-shape"
+    )
 
 
 _PREDICTORS: dict[tuple[Any, str, bool, bool], Predictor] = {}

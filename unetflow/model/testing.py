@@ -84,3 +84,40 @@ class ScaleNetSource:
     def describe(self) -> dict[str, object]:
         # delay and fail_above do not change what a successful block writes
         return {"kind": "scale-net", "factor": self.factor, "margin": self.margin, "dims": self.dims}
+
+
+class NearFreeNet(nn.Module):
+    """Two output channels, ``x`` and ``1 - x``: a model that costs almost nothing.
+
+    The benchmark's "pipeline ceiling" runs it through ``unetflow segment`` to measure
+    everything a run does besides the forward pass (reading, normalising, cutting
+    patches, blending, converting, writing). It normalises like a trained U-Net
+    (percentiles to 0..1), so its outputs are probabilities-like values in about 0..1.
+    """
+
+    def __init__(self, *, dims: int = 3):
+        super().__init__()
+        from unetflow.config import NormSpec
+
+        self.dims = dims
+        self.in_channels = 1
+        self.classes = 2
+        self.geometry = FixedGeometry("same")
+        self.activation = "none"
+        self.norm = NormSpec(kind="percentile")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, 1.0 - x], dim=1)
+
+
+@dataclass(frozen=True)
+class NearFreeSource:
+    """A picklable recipe for :class:`NearFreeNet`."""
+
+    dims: int = 3
+
+    def load(self) -> NearFreeNet:
+        return NearFreeNet(dims=self.dims)
+
+    def describe(self) -> dict[str, object]:
+        return {"kind": "near-free", "dims": self.dims}
