@@ -36,6 +36,7 @@ setup(
             "moto[server]>=5",
             "s3fs>=2024.6",
             "pillow>=10",
+            "ruff>=0.6",  # tests/test_architecture.py: the code is lint-clean (ruff.toml)
         ],
         "s3": ["s3fs>=2024.6"],
         "gcs": ["gcsfs>=2024.6"],

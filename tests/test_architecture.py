@@ -71,3 +71,14 @@ def test_no_print_in_library_code():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
                 pytest.fail(f"unetflow.{name} calls print at line {node.lineno}; use logging")
+
+
+def test_ruff_clean():
+    """The lint rules of ruff.toml hold everywhere (the same check a developer runs)."""
+    import subprocess
+    import sys
+
+    root = PKG.parent
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "unetflow", "tests", "bench", "pipelines"], cwd=root,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]

@@ -61,24 +61,24 @@ def test_plane_window_equals_the_float64_reference(unit, kind):
     starts = _grid(w, tile, (3, 2, 4))
     boxes = [Box(s, tile) for s in itertools.product(*starts)]
     preds = [rng.random((2, *tile)).astype(np.float32) for _ in boxes]
-    held = PlaneWindow(w, 2, tile=tile, starts=starts, kind=kind, capacity=tile[0] + unit)
-    buffer = held.values
+    held = PlaneWindow(w, 2, tile=tile, starts=starts, kind=kind, unit=unit)
     parts = []
     for i, (box, pred) in enumerate(zip(boxes, preds)):
         held.extend(box.offset[0] + tile[0])
+        assert held.stop - held.start <= tile[0] + unit  # the window never grows
         held.add(torch.from_numpy(pred), box)
         nxt = boxes[i + 1].offset[0] if i + 1 < len(boxes) else w.stop[0]
         done = w.offset[0] + ((min(nxt, w.stop[0]) - w.offset[0]) // unit) * unit if nxt < w.stop[0] else w.stop[0]
         if done > held.start:
-            n = done - held.start
-            parts.append(np.empty((2, n, *w.shape[1:]), np.float32))
-            held.pop(n, lambda j, v, out=parts[-1]: out[:, j : j + v.shape[1]].__setitem__(Ellipsis, v.numpy()), slab=2)
-    assert held.values is buffer
+            for slab in held.pop(done - held.start):
+                assert slab.shape[1] == unit or held.start == w.stop[0]
+                parts.append(slab.numpy().copy())
+                held.recycle(slab)
     np.testing.assert_allclose(np.concatenate(parts, axis=1), _reference(w, tile, starts, preds, kind), rtol=1e-6)
 
 
 def test_plane_window_refuses_overflow():
-    held = PlaneWindow(Box((0, 0), (10, 4)), 1, tile=(1, 4), starts=[range(10), [0]], kind=None, capacity=3)
+    held = PlaneWindow(Box((0, 0), (10, 4)), 1, tile=(1, 4), starts=[range(10), [0]], kind=None, unit=2)
     held.extend(3)
     with pytest.raises(RuntimeError, match="cannot hold"):
         held.extend(4)
@@ -86,17 +86,20 @@ def test_plane_window_refuses_overflow():
 
 def test_plane_window_refuses_a_plan_that_misses_or_doubles_voxels():
     with pytest.raises(RuntimeError, match="no patch covered"):
-        PlaneWindow(Box((0, 0), (4, 4)), 1, tile=(2, 4), starts=[[0], [0]], kind="gaussian", capacity=4)
+        PlaneWindow(Box((0, 0), (4, 4)), 1, tile=(2, 4), starts=[[0], [0]], kind="gaussian")
     with pytest.raises(RuntimeError, match="tiles per voxel, not 1"):
-        PlaneWindow(Box((0, 0), (4, 4)), 1, tile=(2, 4), starts=[[0, 1, 2], [0]], kind=None, capacity=4)
+        PlaneWindow(Box((0, 0), (4, 4)), 1, tile=(2, 4), starts=[[0, 1, 2], [0]], kind=None)
 
 
-def test_plane_window_unweighted_copies_and_shifts():
-    held = PlaneWindow(Box((0, 0), (4, 2)), 1, tile=(2, 2), starts=[[0, 2], [0]], kind=None, capacity=4)
-    held.extend(4)
-    held.add(torch.ones((1, 2, 2)), Box((0, 0), (2, 2)))
-    held.add(torch.full((1, 2, 2), 3.0), Box((2, 0), (2, 2)))
-    got = []
-    held.pop(2, lambda j, v: got.append(v.clone()))
-    assert got[0].tolist() == [[[1, 1], [1, 1]]]
-    assert held.values[:, :2].tolist() == [[[3, 3], [3, 3]]] and held.values[:, 2:].abs().sum() == 0
+def test_plane_window_hands_over_whole_slabs():
+    """Tiles spanning two slabs land in both; finished planes leave as whole slabs, no copy."""
+    held = PlaneWindow(Box((0, 0), (6, 2)), 1, tile=(3, 2), starts=[[0, 3], [0]], kind=None, unit=4)
+    held.extend(6)
+    held.add(torch.ones((1, 3, 2)), Box((0, 0), (3, 2)))
+    held.add(torch.full((1, 3, 2), 3.0), Box((3, 0), (3, 2)))
+    with pytest.raises(RuntimeError, match="cannot finish"):
+        held.pop(1)  # not a whole slab
+    first = held.pop(4)
+    assert [s.tolist() for s in first] == [[[[1, 1], [1, 1], [1, 1], [3, 3]]]]
+    rest = held.pop(2)  # the rest of the write box: a short slab
+    assert [s.tolist() for s in rest] == [[[[3, 3], [3, 3]]]]

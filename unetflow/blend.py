@@ -18,7 +18,8 @@ handful of them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -126,14 +127,54 @@ class NormalisedWindows:
         return out
 
 
+class SlabPool:
+    """Zeroed storage slabs for :class:`PlaneWindow`, reused across flushes and blocks.
+
+    On a CPU a fresh slab costs its page faults again (a 512x512 plane of two channels
+    is 2 MiB); a few free slabs per shape are kept. On a GPU torch's caching allocator
+    already reuses memory, so slabs are simply allocated. Thread-safe: writer threads
+    hand slabs back once written.
+    """
+
+    def __init__(self, keep: int = 8) -> None:
+        self.keep = keep
+        self._free: dict[tuple[tuple[int, ...], str], list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        if device.type == "cpu":
+            with self._lock:
+                free = self._free.get((shape, str(device)))
+                slab = free.pop() if free else None
+            if slab is not None:
+                return slab.zero_()
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+
+    def give(self, slab: torch.Tensor) -> None:
+        if slab.device.type != "cpu":
+            return
+        key = (tuple(slab.shape), str(slab.device))
+        with self._lock:
+            free = self._free.setdefault(key, [])
+            if len(free) < self.keep:
+                free.append(slab)
+            while len(self._free) > 3:  # other block shapes came and went: keep the latest kinds only
+                del self._free[next(iter(self._free))]
+
+
+SLABS = SlabPool()
+
+
 class PlaneWindow:
     """A sliding run of axis-0 planes of one write box: float32 sums on *device*.
 
     The streamed block loop (:func:`unetflow.infer.stream_block`) holds only the planes
     that open patches still touch: :meth:`extend` opens planes at the end, :meth:`add`
-    adds a patch, :meth:`pop` finishes planes at the front. The buffer is allocated once
-    (*capacity* planes: tile + flush unit) and planes shift down in place, so a worker's
-    memory does not creep up with the number of blocks (issue 3).
+    adds a patch, :meth:`pop` hands finished planes over. Planes are stored in slabs of
+    *unit* planes (the flush unit: an output chunk deep), aligned to the write box, so
+    finished planes leave as whole slabs: nothing is copied or shifted, and a slab comes
+    back (:meth:`recycle`, from :data:`SLABS`) once its planes are written. Memory is a
+    few slabs, whatever the block's depth and however many blocks a worker runs.
 
     Parameters
     ----------
@@ -144,7 +185,7 @@ class PlaneWindow:
     kind : ``gaussian`` or ``constant`` (blended: each patch weighted by its
         :class:`NormalisedWindows` window, so the sums are the result), or ``None`` for
         tile and crop modes, where each voxel gets exactly one tile (copied).
-    capacity : planes held at once, at most.
+    unit : planes per slab (0: the whole write box); pops are whole slabs.
     device : where the sums live.
 
     Raises
@@ -155,15 +196,16 @@ class PlaneWindow:
     """
 
     def __init__(self, write_box: Box, channels: int, *, tile: Sequence[int], starts: Sequence[Sequence[int]],
-                 kind: str | None, capacity: int, device: torch.device | str = "cpu") -> None:
+                 kind: str | None, unit: int = 0, device: torch.device | str = "cpu") -> None:
         self.write_box = write_box
+        self.channels = channels
         self.tile = tuple(int(t) for t in tile)
         self.device = torch.device(device)
         self.weighted = kind is not None
-        cap = max(1, min(int(capacity), write_box.shape[0]))
-        self.capacity = cap
-        self.values = torch.zeros((channels, cap, *write_box.shape[1:]), dtype=torch.float32, device=self.device)
+        self.unit = min(unit or write_box.shape[0], write_box.shape[0])
+        self.capacity = self.tile[0] + self.unit  # planes held at once, at most
         self.start = self.stop = write_box.offset[0]
+        self._slabs: list[torch.Tensor] = []  # covering [start, start + len * unit), the last one maybe short
         counts = [axis_weight_sums(starts[a], self.tile[a], "constant", write_box.offset[a], write_box.stop[a])
                   for a in range(len(self.tile))]
         if any(c.min() <= 0 for c in counts):
@@ -178,6 +220,11 @@ class PlaneWindow:
         if stop - self.start > self.capacity:
             raise RuntimeError(f"plane window of {self.capacity} planes cannot hold {self.start}..{stop}")
         self.stop = max(self.stop, stop)
+        end = self.write_box.stop[0]
+        while self.start + len(self._slabs) * self.unit < self.stop:
+            z = self.start + len(self._slabs) * self.unit
+            shape = (self.channels, min(self.unit, end - z), *self.write_box.shape[1:])
+            self._slabs.append(SLABS.take(shape, self.device))
 
     def add(self, prediction: torch.Tensor, tile_box: Box) -> None:
         """Add *prediction* (tensor (K, *tile_box.shape) on the device) of the global grid's
@@ -188,36 +235,39 @@ class PlaneWindow:
             return
         if self.start > self.write_box.offset[0] and tile_box.offset[0] < self.start:
             raise RuntimeError(f"tile {tile_box} reaches planes below {self.start}, finished already")
+        rest = part.relative_to(self.write_box).to_slices()[1:]
         src = part.relative_to(tile_box).to_slices()
-        dst = (slice(None), slice(part.offset[0] - self.start, part.stop[0] - self.start),
-               *part.relative_to(self.write_box).to_slices()[1:])
-        if self._windows is not None:
-            # one fused multiply-add per voxel (the same in every block: the same tile, window and order)
-            self.values[dst].addcmul_(prediction[(slice(None), *src)], self._windows(tile_box.offset)[src])
-        else:
-            self.values[dst].copy_(prediction[(slice(None), *src)])
+        weights = self._windows(tile_box.offset)[src] if self._windows is not None else None
+        pred = prediction[(slice(None), *src)]
+        z, t0 = part.offset[0], part.offset[0]
+        while z < part.stop[0]:  # the slabs the part spans
+            k = (z - self.start) // self.unit
+            s0 = self.start + k * self.unit
+            z1 = min(part.stop[0], s0 + self.unit)
+            dst = self._slabs[k][(slice(None), slice(z - s0, z1 - s0), *rest)]
+            sub = slice(z - t0, z1 - t0)
+            if weights is not None:
+                # one fused multiply-add per voxel (the same in every block: the same tile, window and order)
+                dst.addcmul_(pred[:, sub], weights[sub])
+            else:
+                dst.copy_(pred[:, sub])
+            z = z1
 
-    def pop(self, n: int, sink: Callable[[int, torch.Tensor], None], *, slab: int = 0) -> None:
-        """Finish the first *n* held planes, then forget them.
-
-        *sink* (i, values) receives planes i..i+s of the *n*, float32 (K, s, ...) final
-        values, *slab* planes at a time (0: all at once; a few planes keep a CPU's work
-        in its cache). *values* is a view of the sums, valid during the call only. The
-        caller guarantees no later patch touches those planes (patches come in the
-        global order, axis 0 outermost).
-        """
+    def pop(self, n: int) -> list[torch.Tensor]:
+        """Finish the first *n* held planes (whole slabs, or the rest of the write box):
+        their slabs, in order, each (K, s, ...) float32 final values. The caller owns
+        them and hands each back with :meth:`recycle` when done. The caller guarantees
+        no later patch touches those planes (patches come in the global order, axis 0
+        outermost)."""
         held = self.stop - self.start
-        if not 0 < n <= held:
-            raise RuntimeError(f"cannot finish {n} of the {held} held planes")
-        step = n if slab <= 0 else min(slab, n)
-        for i in range(0, n, step):
-            sink(i, self.values[:, i : min(i + step, n)])
-        self._shift(n, held)
+        if not 0 < n <= held or (n % self.unit and self.start + n != self.write_box.stop[0]):
+            raise RuntimeError(f"cannot finish {n} of the {held} held planes in slabs of {self.unit}")
+        k = -(-n // self.unit)
+        out, self._slabs = self._slabs[:k], self._slabs[k:]
         self.start += n
+        return out
 
-    def _shift(self, n: int, held: int) -> None:
-        v = self.values
-        for i in range(0, held - n, n):  # blocks of at most n planes: source and target never overlap
-            m = min(n, held - n - i)
-            v[:, i : i + m].copy_(v[:, n + i : n + i + m])
-        v[:, held - n : held].zero_()
+    @staticmethod
+    def recycle(slab: torch.Tensor) -> None:
+        """A slab from :meth:`pop` is no longer needed (written, or converted)."""
+        SLABS.give(slab)

@@ -53,7 +53,7 @@ from unetflow.telemetry import Clock
 log = logging.getLogger(__name__)
 
 WRITE_THREADS = 2  # default writer pool per worker process
-MAX_PENDING_WRITES = 2  # flushes queued for the writers per block: memory stays flat when writes are slow
+MAX_PENDING_WRITES = 2  # at least this many slabs queued for the writers (write threads + 1)
 
 
 @dataclass(frozen=True)
@@ -264,7 +264,10 @@ def predict_patches(plan: Plan, block: Block, image: np.ndarray, predictor: Pred
 
     def emit(box: Box, held: PlaneWindow, n: int) -> None:
         z = box.offset[0] - w.offset[0]
-        held.pop(n, lambda i, v: out[:, z + i : z + i + v.shape[1]].__setitem__(Ellipsis, v.cpu().numpy()))
+        for slab in held.pop(n):
+            out[:, z : z + slab.shape[1]] = slab.cpu().numpy()
+            z += slab.shape[1]
+            held.recycle(slab)
 
     stream_block(plan, block, predictor, Clock(predictor.device), read_row=read_row, emit=emit, batch_size=batch_size,
                  flush_planes=w.shape[0])
@@ -333,6 +336,8 @@ def _run_block(job: BlockJob, block: Block, predictor: Predictor, clock: Clock) 
     channel_axis = job.output.kind == "probabilities"
     dtype = written_dtype(job.output)
     slab = 0 if predictor.device.type == "cuda" else _cpu_slab(predictor.info.classes, block.write_box)
+    pending = max(MAX_PENDING_WRITES, _write_threads(job) + 1)  # slabs queued or being written
+    as_is = predictor.device.type == "cpu" and job.output.kind == "probabilities" and job.output.dtype == "float32"
     objects = [0]
 
     rows = RowReader(job, block)
@@ -343,27 +348,37 @@ def _run_block(job: BlockJob, block: Block, predictor: Predictor, clock: Clock) 
         with clock.device("upload", moves.up):
             return moves.upload(raw, job.norm, job.norm_stats, slab=slab)
 
-    def write(box: Box, host: torch.Tensor, ready: Any) -> None:
+    def write(box: Box, host: torch.Tensor, ready: Any, done: Callable[[torch.Tensor], None]) -> None:
         with clock.host("write"):
             moves.wait(ready)
             data = _host_values(host, job.output)
             if whole:
                 data, objects[0] = local_components(data)
             store.write_box(_open_output(job.output_path), box, data, channel_axis=channel_axis)
-        moves.release(host)
+        done(host)
 
     def emit(box: Box, held: PlaneWindow, n: int) -> None:
-        shape = (predictor.info.classes, *box.shape) if channel_axis else tuple(box.shape)
-        with clock.device("convert"):
-            out = moves.output_buffer(shape, dtype)
-            held.pop(n, lambda i, v: convert_values(v, job.output, out[:, i : i + v.shape[1]] if channel_axis else out[i : i + v.shape[1]]),
-                     slab=slab)
-        with clock.device("download", moves.down):
-            host, ready = moves.download(out)
-        with clock.host("wait_write"):
-            while len(writes) >= MAX_PENDING_WRITES:  # bounded queue: memory stays flat if writes are slow
-                writes.popleft().result()
-        writes.append(writer.submit(write, box, host, ready))
+        z = box.offset[0]
+        for values in held.pop(n):
+            part = Box((z, *box.offset[1:]), (values.shape[1], *box.shape[1:]))
+            z += values.shape[1]
+            if as_is:  # float32 on a CPU: the sums are what is written, no copy
+                host, ready, done = values, None, held.recycle
+            else:
+                shape = (predictor.info.classes, *part.shape) if channel_axis else tuple(part.shape)
+                with clock.device("convert"):
+                    out = moves.output_buffer(shape, dtype)
+                    for i in range(0, part.shape[0], slab or part.shape[0]):
+                        v = values[:, i : i + (slab or part.shape[0])]
+                        convert_values(v, job.output, out[:, i : i + v.shape[1]] if channel_axis else out[i : i + v.shape[1]])
+                held.recycle(values)
+                with clock.device("download", moves.down):
+                    host, ready = moves.download(out)
+                done = moves.release
+            with clock.host("wait_write"):
+                while len(writes) >= pending:  # bounded queue: memory stays flat if writes are slow
+                    writes.popleft().result()
+            writes.append(writer.submit(write, part, host, ready, done))
 
     try:
         stream_block(job.plan, block, predictor, clock, read_row=read_row, emit=emit, batch_size=job.batch_size,
@@ -612,8 +627,8 @@ def stream_block(plan: Plan, block: Block, predictor: Predictor, clock: Clock, *
     w = block.write_box
     rows = _rows(plan, block)
     unit = flush_planes or w.shape[0]
-    held = PlaneWindow(w, predictor.info.classes, tile=tiling.tile, starts=plan.starts, kind=kind,
-                       capacity=tiling.tile[0] + unit, device=predictor.device)
+    held = PlaneWindow(w, predictor.info.classes, tile=tiling.tile, starts=plan.starts, kind=kind, unit=unit,
+                       device=predictor.device)
 
     def flush(next_start: int | None) -> None:
         n = _flush_to(w, unit, next_start) - held.start
@@ -699,7 +714,7 @@ def scale_box(box: Box, image_shape: tuple[int, ...], mask_shape: tuple[int, ...
     Box(offset=(1, 0), shape=(1, 2))
     """
     lo = [o * m // n for o, m, n in zip(box.offset, mask_shape, image_shape)]
-    hi = [max(l + 1, -(-(o + s) * m // n)) for l, o, s, m, n in zip(lo, box.offset, box.shape, mask_shape, image_shape)]
+    hi = [max(a + 1, -(-(o + s) * m // n)) for a, o, s, m, n in zip(lo, box.offset, box.shape, mask_shape, image_shape)]
     return Box.from_bounds(lo, [min(h, m) for h, m in zip(hi, mask_shape)])
 
 

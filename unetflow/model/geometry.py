@@ -279,7 +279,7 @@ class UNetGeometry:
         """Valid-mode crop at each side of the skip of each level (constant in the input size)."""
         loss, m = CONVS_PER_LEVEL * (KERNEL - 1), self.input_multiple
         sizes, size = [], 2 * m + loss * (2 * m - 1)  # an input with bottom size 2
-        for level in range(self.depth + 1):
+        for _level in range(self.depth + 1):
             size -= loss
             sizes.append(size)
             size //= POOL
