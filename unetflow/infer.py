@@ -149,7 +149,7 @@ _UPLOAD_DTYPES = {np.dtype(t) for t in ("bool", "uint8", "int8", "int16", "uint1
 
 
 def normalise_tensor(raw: torch.Tensor, norm: NormSpec, stats: tuple[tuple[float, float], ...], *, slab: int = 0,
-                     uint16_bits: bool = False) -> torch.Tensor:
+                     uint16_bits: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """A raw row (C, ...) on its device, in its own dtype -> float32 as the model was trained to see it.
 
     ``stats`` holds per channel (low, high) percentiles or (mean, std). *slab*: planes
@@ -157,7 +157,8 @@ def normalise_tensor(raw: torch.Tensor, norm: NormSpec, stats: tuple[tuple[float
     """
     if raw.dtype == torch.int16 and getattr(raw, "_unetflow_uint16", False):
         raw = raw.to(torch.int32).bitwise_and_(0xFFFF)  # uint16 crossed as int16 bits
-    out = torch.empty(raw.shape, dtype=torch.float32, device=raw.device)
+    if out is None:
+        out = torch.empty(raw.shape, dtype=torch.float32, device=raw.device)
     n = raw.shape[1] if raw.dim() > 1 else 1
     step = n if slab <= 0 or raw.dim() < 2 else slab
     for c in range(raw.shape[0]):
@@ -348,41 +349,50 @@ def _run_block(job: BlockJob, block: Block, predictor: Predictor, clock: Clock) 
         with clock.device("upload", moves.up):
             return moves.upload(raw, job.norm, job.norm_stats, slab=slab)
 
-    def write(box: Box, host: torch.Tensor, ready: Any, done: Callable[[torch.Tensor], None]) -> None:
+    def convert(values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """Finished sums -> the written dtype, *slab* planes at a time; the sums go back to the pool."""
+        with clock.device("convert"):
+            out = moves.output_buffer(shape, dtype)
+            step = slab or values.shape[1]
+            for i in range(0, values.shape[1], step):
+                v = values[:, i : i + step]
+                convert_values(v, job.output, out[:, i : i + v.shape[1]] if channel_axis else out[i : i + v.shape[1]])
+        PlaneWindow.recycle(values)
+        return out
+
+    def write(box: Box, values: torch.Tensor, ready: Any) -> None:
+        """Writer thread: (on a CPU, convert), wait for the download, compress and write."""
+        shape = (predictor.info.classes, *box.shape) if channel_axis else tuple(box.shape)
+        if moves.cuda or as_is:
+            host = values
+        else:  # on a CPU the writers convert, beside the block loop
+            host = convert(values, shape)
         with clock.host("write"):
             moves.wait(ready)
             data = _host_values(host, job.output)
             if whole:
                 data, objects[0] = local_components(data)
             store.write_box(_open_output(job.output_path), box, data, channel_axis=channel_axis)
-        done(host)
+        (PlaneWindow.recycle if as_is else moves.release)(host)
 
     def emit(box: Box, held: PlaneWindow, n: int) -> None:
         z = box.offset[0]
         for values in held.pop(n):
             part = Box((z, *box.offset[1:]), (values.shape[1], *box.shape[1:]))
             z += values.shape[1]
-            if as_is:  # float32 on a CPU: the sums are what is written, no copy
-                host, ready, done = values, None, held.recycle
-            else:
-                shape = (predictor.info.classes, *part.shape) if channel_axis else tuple(part.shape)
-                with clock.device("convert"):
-                    out = moves.output_buffer(shape, dtype)
-                    for i in range(0, part.shape[0], slab or part.shape[0]):
-                        v = values[:, i : i + (slab or part.shape[0])]
-                        convert_values(v, job.output, out[:, i : i + v.shape[1]] if channel_axis else out[i : i + v.shape[1]])
-                held.recycle(values)
+            ready = None
+            if moves.cuda:  # converted on the device, then only the written bytes cross
+                out = convert(values, (predictor.info.classes, *part.shape) if channel_axis else tuple(part.shape))
                 with clock.device("download", moves.down):
-                    host, ready = moves.download(out)
-                done = moves.release
+                    values, ready = moves.download(out)
             with clock.host("wait_write"):
                 while len(writes) >= pending:  # bounded queue: memory stays flat if writes are slow
                     writes.popleft().result()
-            writes.append(writer.submit(write, part, host, ready, done))
+            writes.append(writer.submit(write, part, values, ready))
 
     try:
         stream_block(job.plan, block, predictor, clock, read_row=read_row, emit=emit, batch_size=job.batch_size,
-                     flush_planes=0 if whole else job.flush_planes, arrive=moves.arrive)
+                     flush_planes=0 if whole else job.flush_planes, arrive=moves.arrive, row_done=moves.release)
     finally:
         with clock.host("drain"):
             while writes:
@@ -390,8 +400,10 @@ def _run_block(job: BlockJob, block: Block, predictor: Predictor, clock: Clock) 
     return objects[0]
 
 
-def _cpu_slab(classes: int, box: Box, elements: int = 2**20) -> int:
-    """Planes per step when finishing planes on a CPU: about *elements* values, cache-sized."""
+def _cpu_slab(classes: int, box: Box, elements: int = 2**19) -> int:
+    """Planes per step when finishing planes on a CPU: about *elements* values (2 MiB of
+    float32), cache-sized and below the worker's mmap threshold (its temporaries come
+    from the heap, not fresh pages)."""
     return max(1, elements // max(1, classes * math.prod(box.shape[1:])))
 
 
@@ -417,7 +429,8 @@ class Transfers:
         uint16 = data.dtype == np.uint16 and self.cuda
         host = torch.from_numpy(data.view(np.int16) if uint16 else data)
         if not self.cuda:
-            return normalise_tensor(host, norm, stats, slab=slab), None
+            row = _HOST_BUFFERS.take(tuple(host.shape), torch.float32)
+            return normalise_tensor(host, norm, stats, slab=slab, out=row), None
         with torch.cuda.stream(self.up):
             x = host.pin_memory().to(self.device, non_blocking=True)
             image = normalise_tensor(x, norm, stats, uint16_bits=uint16)
@@ -438,7 +451,8 @@ class Transfers:
         return _HOST_BUFFERS.take(shape, dtype)
 
     def release(self, host: torch.Tensor) -> None:
-        """*host* (from :meth:`download`) was written: on a CPU it goes back to the pool."""
+        """*host* (from :meth:`download`, or a row from :meth:`upload` whose patches all
+        ran) is no longer used: on a CPU it goes back to the pool."""
         if not self.cuda:
             _HOST_BUFFERS.give(host)
 
@@ -602,7 +616,8 @@ def _flush_to(write_box: Box, unit: int, next_start: int | None) -> int:
 
 def stream_block(plan: Plan, block: Block, predictor: Predictor, clock: Clock, *,
                  read_row: Callable[[Box], Any], emit: Callable[[Box, PlaneWindow, int], None], batch_size: int,
-                 flush_planes: int = 0, arrive: Callable[[torch.Tensor, Any], torch.Tensor] | None = None) -> None:
+                 flush_planes: int = 0, arrive: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+                 row_done: Callable[[torch.Tensor], None] | None = None) -> None:
     """Predict *block* one row of patches (same axis-0 start) at a time, in the global order.
 
     *read_row* (box) returns the normalised input of a row's read box on the device
@@ -637,7 +652,9 @@ def stream_block(plan: Plan, block: Block, predictor: Predictor, clock: Clock, *
 
     in_flight: collections.deque[tuple[int, list[tuple[int, ...]], Future[torch.Tensor]]] = collections.deque()
     row = -1
-    batches = _row_batches(plan, block, rows, per_call, clock, read_row, arrive)
+    images: dict[int, torch.Tensor] = {}
+    left = [-(-len(starts) // per_call) for _, starts in rows]  # forward passes per row not yet blended
+    batches = _row_batches(plan, block, rows, per_call, clock, read_row, arrive, images)
     for item in itertools.chain(batches, itertools.repeat(None)):
         _check_cancelled(block)
         if item is not None:
@@ -658,12 +675,16 @@ def stream_block(plan: Plan, block: Block, predictor: Predictor, clock: Clock, *
         with clock.device("blend"):
             for start, pred in zip(chunk, out):
                 held.add(pred[keep], Box(start, tiling.tile))
+        del out, future
+        left[i] -= 1
+        if not left[i] and row_done is not None:
+            row_done(images.pop(i))
     flush(None)
 
 
 def _row_batches(plan: Plan, block: Block, rows: list[tuple[int, list[tuple[int, ...]]]], per_call: int, clock: Clock,
                  read_row: Callable[[Box], Any], arrive: Callable[[torch.Tensor, Any], torch.Tensor] | None,
-                 ) -> Iterator[tuple[int, list[tuple[int, ...]], torch.Tensor]]:
+                 images: dict[int, torch.Tensor]) -> Iterator[tuple[int, list[tuple[int, ...]], torch.Tensor]]:
     """(row index, tile starts, input batch on the device) for every forward pass of *block*,
     in the global order; the reader thread reads the next row meanwhile."""
     tiling = plan.tiling
@@ -674,6 +695,7 @@ def _row_batches(plan: Plan, block: Block, rows: list[tuple[int, list[tuple[int,
             image = pending.result()
         if arrive is not None:
             image = arrive(*image)
+        images[i] = image
         if i + 1 < len(rows):
             pending = reader.submit(read_row, _row_read_box(plan, block, rows[i + 1][0]))
         row_box = _row_read_box(plan, block, s0)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from unetflow.config import ClusterSpec, RunConfig
 from unetflow.errors import BlockFailedError, UnetflowError
-from unetflow.worker import MMAP_THRESHOLD
+from unetflow.worker import MMAP_THRESHOLD, TRIM_THRESHOLD
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +255,11 @@ def _jobqueue_cluster(spec: ClusterSpec, *, log_directory: str | None = None) ->
 # mappings use transparent huge pages (madvise), which also makes the model's large
 # buffers cheaper to fault in (measured in BENCHMARKS.md). A GLIBC_TUNABLES that the
 # user set wins; glibc < 2.35 ignores the hugetlb tunable. A worker in the driver's
-# process gets the same effects from unetflow.worker.tune_allocator.
-WORKER_MALLOC_TUNABLES = f"glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold={MMAP_THRESHOLD}"
+# process gets the same effects from unetflow.worker.tune_allocator. The trim threshold:
+# see unetflow.worker.TRIM_THRESHOLD.
+WORKER_MALLOC_TUNABLES = (
+    f"glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold={MMAP_THRESHOLD}:glibc.malloc.trim_threshold={TRIM_THRESHOLD}"
+)
 
 # Dask settings for the clusters unetflow starts. A worker's periodic housekeeping (the
 # statistical profiler every 10 ms, the event-loop tick every 20 ms, the memory monitor

@@ -27,7 +27,11 @@ log = logging.getLogger(__name__)
 MMAP_THRESHOLD = 4 * 2**20
 _M_MMAP_THRESHOLD = -3  # glibc mallopt() parameters
 _M_TRIM_THRESHOLD = -1
-TRIM_THRESHOLD = 128 * 2**10  # glibc's default
+# Free memory at the heap's top kept for reuse, at most. glibc's default (128 KiB; a fixed
+# mmap threshold also fixes it) returned the top to the OS after nearly every free of a
+# block loop temporary (1-4 MiB: patch outputs, converted slabs), which faulted straight
+# back in: 0.5 M page faults and 1.1 s of system time in a 1.0 s block (issue 14).
+TRIM_THRESHOLD = 32 * 2**20
 _TUNED: dict[str, bool] = {}
 _LOCK = threading.Lock()
 
@@ -64,7 +68,9 @@ def tune_allocator() -> dict[str, bool]:
       variable at its first CPU allocation: it takes effect only where torch has not
       allocated yet (checked on a probe buffer).
     - ``mmap_threshold``: ``mallopt(M_MMAP_THRESHOLD, 4 MiB)``, which keeps the peak memory
-      flat block after block (the heap does not fragment). Only together with huge
+      flat block after block (the heap does not fragment), and ``M_TRIM_THRESHOLD``
+      32 MiB (:data:`TRIM_THRESHOLD`), so that the heap's top is not handed back and
+      faulted in again around every temporary. Only together with huge
       pages: without them every activation would be faulted in 4 KiB at a time again,
       and the model ran ~45 % slower (BENCHMARKS.md, issue 6).
     """
@@ -86,9 +92,8 @@ def _tune() -> dict[str, bool]:
     if huge:
         try:
             libc = ctypes.CDLL("libc.so.6")
-            # the trim threshold back to glibc's default too: freeing large buffers
-            # before this call (the probe, torch's import) raised it with the dynamic
-            # mmap threshold, and free memory at the heap's top would stay resident
+            # the trim threshold fixed too: freeing large buffers before this call (the
+            # probe, torch's import) raised it with the dynamic mmap threshold
             threshold = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
         except (OSError, AttributeError):  # not glibc
             threshold = False
