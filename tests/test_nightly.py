@@ -74,5 +74,5 @@ def test_nightly_inputs_share_one_cluster(tmp_path):
     for name, arr in data.items():
         out = tmp_path / "pred" / f"{name}_pred.zarr"
         np.testing.assert_array_equal(zarr.open_array(str(out))[0], 2.0 * arr)
-        workers.append(set(json.loads((out / ".unetflow" / "report.json").read_text())["workers"]))
+        workers.append(set(json.loads(RunDir(str(out)).report_file().read_text())["workers"]))
     assert len(workers[0]) == 1 and workers[0] == workers[1]

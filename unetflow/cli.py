@@ -125,6 +125,7 @@ def segment(input_path: str, output_path: str, model: str, workers: int, gpus: i
     """
     _setup_logging(verbose)
     from unetflow.config import ClusterSpec, OutputSettings, RunConfig, SkipSpec, TilingSpec
+    from unetflow.resume import RunDir
 
     if scheduler:
         cluster = ClusterSpec(kind="address", address=scheduler)
@@ -151,7 +152,7 @@ def segment(input_path: str, output_path: str, model: str, workers: int, gpus: i
     skipped = f", {report.blocks_skipped} already done" if getattr(report, "blocks_skipped", 0) else ""
     click.echo(
         f"wrote {output_path}: {report.blocks_done} blocks{skipped}, {report.voxels} voxels in {report.seconds:.1f}s "
-        f"({report.voxels_per_second:.3g} voxels/s); report in {output_path}/.unetflow/"
+        f"({report.voxels_per_second:.3g} voxels/s); report in {RunDir(output_path).path}/"
     )
     click.echo(f"telemetry: {report.telemetry.get('verdict', '')}")
 

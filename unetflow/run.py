@@ -244,7 +244,7 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True, dis
 
     With ``config.resume`` (or ``config.part``) an existing output made with the same
     settings and model is finished: blocks with a done marker are skipped. The run
-    holds the output's lock throughout and writes ``<output>/.unetflow/report.json``.
+    holds the output's lock throughout and writes ``<output>.unetflow/report.json``.
 
     *dispatch*: a :class:`schedule.Dispatcher` to run the blocks on, shared by several
     runs (the nightly pipeline keeps one cluster, and its batch jobs, for all its
@@ -379,6 +379,7 @@ def claim_output(p: Prepared, stats: Sequence[Sequence[float]], ident: dict[str,
                 raise
             _wait_for(run_dir.run_file)
         else:
+            run_dir.clear()  # a new store: markers beside it are an earlier output's (issue 18)
             resume.record_run(run_dir, ident)
         lock = resume.acquire(run_dir, c.part, takeover=c.resume)
         resume.check_same_run(run_dir, ident)
@@ -429,7 +430,7 @@ def failure_message(failures: Sequence[dict[str, Any]], total: int, output: str)
     wb = first["write_box"]
     return (
         f"{len(failures)} of {total} blocks failed (ids {[f['block_id'] for f in failures][:10]}); first: block {first['block_id']} "
-        f"write box offset {wb['offset']} shape {wb['shape']}: {first['error']}; details in {output}/.unetflow/report.json; "
+        f"write box offset {wb['offset']} shape {wb['shape']}: {first['error']}; details in {resume.RunDir(output).report_file()}; "
         "fix the cause and rerun with --resume to redo only the failed blocks"
     )
 
