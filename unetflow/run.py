@@ -320,8 +320,9 @@ def _segment(p: Prepared, report: RunReport, run_dir: resume.RunDir, dispatch: s
         if not failures and _ome(config) and len(run_dir.done_blocks()) >= p.plan.n_blocks and (report.blocks_done or not finished.exists()):
             from unetflow.formats import omezarr  # the pyramid, once every block (of every part) is done
 
-            vox = getattr(array, "voxel_size", None)
-            omezarr.finish_output(config.output, kind=p.output.kind, voxel_size=vox, unit=getattr(array, "unit", None))
+            names = tuple((p.spec or {}).get("class_names") or ())
+            contents = omezarr.Contents(p.info.classes, names, config.output_settings.image, array, p.layout.has_channel)
+            omezarr.finish_prediction(config.output, kind=p.output.kind, input_path=config.input, level=config.level, contents=contents)
             finished.touch()
         resume.write_json(run_dir.report_file(config.part), report_dict(p, report, ident, len(block_ids)))
     return failures, block_ids
@@ -512,8 +513,10 @@ def create_output_array(p: Prepared, stats: Sequence[Sequence[float]]) -> None:
         shape, chunks, shards, dim_names = spatial, p.chunk_shape, p.shard_shape, names
     path = p.config.output
     if _ome(p.config):
-        from unetflow.formats import omezarr
+        from unetflow.formats import omeroot, omezarr
 
+        if p.output.kind != "probabilities":  # before anything is written (issue 18)
+            omeroot.check_root_image(p.config.input, level=p.config.level, mode=o.image)
         path = omezarr.prepare_output(path, kind=p.output.kind, overwrite=o.overwrite)
     store.create_output(
         path, shape=shape, chunks=chunks, shards=shards, dtype=p.output.dtype, dimension_names=dim_names,
