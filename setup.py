@@ -42,7 +42,7 @@ setup(
         "gcs": ["gcsfs>=2024.6"],
         "preview": ["matplotlib>=3.7"],
         # tests/test_viewers.py's napari check (headless, skipped without these)
-        "viewers": ["napari>=0.5", "napari-ome-zarr>=0.6"],
+        "viewers": ["napari>=0.5", "napari-ome-zarr>=0.6", "bioio>=1.0", "bioio-ome-zarr>=1.0"],
         # bench/run.py compares against MONAI's sliding_window_inference (issue 6)
         "bench": ["monai>=1.3"],
     },

@@ -243,3 +243,20 @@ def test_napari_opens_the_root_headless(outputs, kind):
     ids = np.unique(np.asarray(label.data[-1]))
     ids = ids[ids > 0][:5]
     assert len(ids) and all(label.colormap.map(int(i))[3] > 0 for i in ids)  # objects are drawn, not transparent
+
+
+def test_bioio_opens_root_image_and_label_image(outputs):
+    bioio = pytest.importorskip("bioio", reason="bioio is not installed (pip install bioio bioio-ome-zarr)")
+    reader = pytest.importorskip("bioio_ome_zarr", reason="bioio-ome-zarr is not installed").Reader
+    out = outputs["labels"]
+    image = bioio.BioImage(str(out), reader=reader)
+    assert image.channel_names == ["channel 0", "channel 1"] and image.physical_pixel_sizes.Y == 1.0  # input level 1
+    label = bioio.BioImage(str(out / "labels/segmentation"), reader=reader)
+    assert label.physical_pixel_sizes == image.physical_pixel_sizes and int(label.data.max()) == 1
+
+
+def test_preview_of_a_labels_root_shows_the_labels(outputs, tmp_path):
+    png = tmp_path / "p.png"
+    result = CliRunner().invoke(main, ["preview", str(outputs["instances"]), "--z", "4", "-o", str(png)])
+    assert result.exit_code == 0, result.output
+    assert png.exists() and "over" in result.output

@@ -6,16 +6,19 @@ and a singleton t is dropped. The voxel size is the level's ``scale``.
 Output layout (``pred.ome.zarr``), written by :func:`prepare_output` before the
 blocks and :func:`finish_output` after them::
 
-    probabilities                          labels
-    pred.ome.zarr/  (image: multiscales)   pred.ome.zarr/           (ome version only)
+    probabilities                          labels / instances
+    pred.ome.zarr/  (image: multiscales,   seg.ome.zarr/            (the input image: multiscales + omero,
+                     omero per class)        0/ 1/ ...               its levels from --level on; --image copy|link)
       0/  (c, z, y, x) the engine writes     labels/                (labels: ["segmentation"])
       1/  mean-downsampled                     segmentation/        (image-label + multiscales)
       2/  ...                                    0/  (z, y, x) the engine writes
                                                  1/  nearest-downsampled ...
 
-A label image belongs in an image's ``labels`` group; a prediction has no raw image
-of its own, so the root holds only the ``labels`` group (open
-``pred.ome.zarr/labels/segmentation`` in a viewer, or add the raw image as ``0``...).
+A label image belongs in an image's ``labels`` group, so the root of a labels output
+holds the input image (:mod:`.omeroot`): viewers open the root as image + labels
+(``--image none``: the labels alone, open ``seg.ome.zarr/labels/segmentation``).
+Level 0 carries the scale and translation of the input level it was computed from;
+an OME-Zarr input's coarser levels set the output's (issue 18).
 """
 
 from __future__ import annotations
@@ -167,6 +170,17 @@ def level0_path(path: str, *, kind: str) -> str:
 def viewer_path(path: str, *, kind: str, image: str) -> str:
     """What to open in a viewer: the root, or the label image of a labels output without an image."""
     return os.path.join(path, "labels", LABEL_NAME) if kind in LABEL_KINDS and image == "none" else path
+
+
+def prediction_path(path: str) -> str:
+    """The prediction inside *path*: its label image where the root holds a copy of the input image."""
+    try:
+        group = zarr.open_group(store=path, mode="r")
+    except Exception:  # noqa: BLE001 - a plain array, TIFF, URL...: the path itself
+        return path
+    ms = ome_attrs(group).get("multiscales") or [{}]
+    content = (ms[0].get("metadata") or {}).get("content") if isinstance(ms[0], dict) else None
+    return os.path.join(path, "labels", LABEL_NAME) if content == "input image" else path
 
 
 def prepare_output(path: str, *, kind: str, overwrite: bool) -> str:
