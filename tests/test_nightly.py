@@ -53,7 +53,8 @@ def test_nightly_two_done_one_broken_then_nothing_to_redo(tmp_path):
     assert "c.zarr" in first.stdout and "FAILED" in first.stdout
     for name, arr in data.items():
         np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "pred" / f"{name}_pred.zarr"))[0], 2.0 * arr)
-    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["a_pred.zarr", "b_pred.zarr", "nightly-summary.json"]
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [  # run folders beside the outputs (issue 18)
+        "a_pred.zarr", "a_pred.zarr.unetflow", "b_pred.zarr", "b_pred.zarr.unetflow", "nightly-summary.json"]
     markers = {n: RunDir(str(tmp_path / "pred" / f"{n}_pred.zarr")).markers() for n in data}
 
     second = nightly(config)
