@@ -33,6 +33,7 @@ setup(
             # interoperability: a reader and a validator unetflow did not write, an S3 server on loopback
             "tensorstore>=0.1.60",
             "ome-zarr-models>=1.0",
+            "ome-zarr>=0.11",  # ome-zarr-py: its multiscale writer makes inputs, its Reader opens outputs (issue 18)
             "moto[server]>=5",
             "s3fs>=2024.6",
             "pillow>=10",
@@ -41,6 +42,8 @@ setup(
         "s3": ["s3fs>=2024.6"],
         "gcs": ["gcsfs>=2024.6"],
         "preview": ["matplotlib>=3.7"],
+        # tests/test_viewers.py's napari check (headless, skipped without these)
+        "viewers": ["napari>=0.5", "napari-ome-zarr>=0.6", "bioio>=1.0", "bioio-ome-zarr>=1.0"],
         # bench/run.py compares against MONAI's sliding_window_inference (issue 6)
         "bench": ["monai>=1.3"],
     },

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from conftest import write_zarr
 from unetflow.cli import main
+from unetflow.resume import RunDir
 
 
 @pytest.fixture
@@ -87,7 +88,7 @@ def test_segment_processes_flag(runner, tmp_path, image3d, model3d, flag):
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     assert zarr.open_array(str(out)).attrs["unetflow"]["config"]["cluster"]["processes"] is (flag == "--processes")
-    workers = json.loads((out / ".unetflow" / "report.json").read_text())["workers"]
+    workers = json.loads(RunDir(str(out)).report_file().read_text())["workers"]
     assert any(name.endswith(f":{os.getpid()}") for name in workers) is (flag == "--threads"), workers
 
 

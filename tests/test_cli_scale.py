@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from conftest import random_image, write_zarr
 from unetflow.cli import main
+from unetflow.resume import RunDir
 
 pytest.importorskip("unetflow.model.checkpoint")
 
@@ -44,7 +45,7 @@ def test_config_flags_resume_and_parts(tmp_path, setup):
     assert result.exit_code == 0, result.output
     attrs = zarr.open_array(str(out)).attrs["unetflow"]["config"]
     assert attrs["tiling"]["block_shape"] == [8, 8, 8] and attrs["cluster"]["kind"] == "inline"
-    assert json.loads((out / ".unetflow" / "report.json").read_text())["blocks"]["done"] == 2 * 3 * 2
+    assert json.loads(RunDir(str(out)).report_file().read_text())["blocks"]["done"] == 2 * 3 * 2
     # a flag typed on the command line wins over the config file, the rest still comes from it
     result = segment(runner, inp, tmp_path / "big.zarr", "--model", model, "--config", config, "--block-shape", "16,16,16", "--chunk-shape", "16,16,16")
     assert result.exit_code == 0, result.output

@@ -52,7 +52,8 @@ def test_nightly_two_done_one_broken_then_nothing_to_redo(tmp_path):
     assert "c.zarr" in first.stdout and "FAILED" in first.stdout
     for name, arr in data.items():
         assert_blended(zarr.open_array(str(tmp_path / "pred" / f"{name}_pred.zarr"))[0], 2.0 * arr)
-    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["a_pred.zarr", "b_pred.zarr", "nightly-summary.json"]
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [  # run folders beside the outputs (issue 18)
+        "a_pred.zarr", "a_pred.zarr.unetflow", "b_pred.zarr", "b_pred.zarr.unetflow", "nightly-summary.json"]
     markers = {n: RunDir(str(tmp_path / "pred" / f"{n}_pred.zarr")).markers() for n in data}
 
     second = nightly(config)
@@ -73,5 +74,5 @@ def test_nightly_inputs_share_one_cluster(tmp_path):
     for name, arr in data.items():
         out = tmp_path / "pred" / f"{name}_pred.zarr"
         assert_blended(zarr.open_array(str(out))[0], 2.0 * arr)
-        workers.append(set(json.loads((out / ".unetflow" / "report.json").read_text())["workers"]))
+        workers.append(set(json.loads(RunDir(str(out)).report_file().read_text())["workers"]))
     assert len(workers[0]) == 1 and workers[0] == workers[1]

@@ -93,7 +93,7 @@ def test_slurm_config_run_equals_local_run(slurm, tmp_path, image3d):
     np.testing.assert_array_equal(ref[0], 2.0 * data)
     job_ids = {m["job_id"] for m in resume.RunDir(str(out)).markers().values()}
     assert None not in job_ids and len(job_ids) >= 1  # blocks ran inside SLURM jobs
-    assert list((out / ".unetflow" / "logs").iterdir())  # job logs next to the output, not in the cwd
+    assert list(resume.RunDir(str(out)).log_dir.iterdir())  # job logs next to the output, not in the cwd
     deadline = time.monotonic() + 15
     while squeue_ids() - jobs_before and time.monotonic() < deadline:
         time.sleep(0.3)

@@ -93,6 +93,7 @@ def _shape(value: str | None, what: str) -> tuple[int, ...] | None:
 @click.option("--amp/--no-amp", default=None, help="Mixed precision (bf16, fp16 where bf16 is missing). Default: on for GPUs (about 2x faster, probabilities differ ~1e-2), off on CPU.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @click.option("--ome", is_flag=True, help="Write OME-Zarr 0.5 (multiscales, voxel size, a pyramid for viewers; labels under labels/segmentation). On by default for OUTPUT ending in .ome.zarr.")
+@click.option("--image", "image", type=click.Choice(["copy", "link", "none"]), default="copy", show_default=True, help="OME-Zarr labels/instances: put the input image at OUTPUT's root with the labels under labels/, so viewers open OUTPUT as image + labels. copy: its chunk files (re-encoded where they are not Zarr v3), as much disk as the input levels used; link: symlinks to a local OME-Zarr 0.5 input's levels (no copy; the output breaks if the input moves); none: the labels alone (open OUTPUT/labels/segmentation).")
 @click.option("--level", type=int, default=None, help="Resolution level of a multiscale INPUT (OME-Zarr, pyramidal OME-TIFF); 0 is full resolution.")
 @click.option("-v", "--verbose", count=True, help="-v: a log line per block; -vv: debug.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="YAML run config (cluster, tiling, output, device); see pipelines/configs/. Flags given on the command line override it.")
@@ -102,7 +103,7 @@ def _shape(value: str | None, what: str) -> tuple[int, ...] | None:
 def segment(input_path: str, output_path: str, model: str, workers: int, gpus: int, processes: bool | None, scheduler: str | None, block_shape: str | None,
             patch_shape: str | None, chunk_shape: str | None, shard_shape: str | None, blend: str, overlap: float, halo: str | None,
             allow_small_halo: bool, mirror: str, batch_size: int, output_kind: str, interior_threshold: float | None, dtype: str | None, overwrite: bool,
-            dry_run: bool, device: str, amp: bool | None, progress: bool, ome: bool, level: int | None, verbose: int,
+            dry_run: bool, device: str, amp: bool | None, progress: bool, ome: bool, image: str, level: int | None, verbose: int,
             config_file: str | None = None, resume: bool = False, part: str | None = None,
             skip_empty: bool = False, skip_threshold: float | None = None, mask: str | None = None, compile_: bool = False) -> None:
     """Segment INPUT into OUTPUT (a new Zarr v3 array, or OME-Zarr for *.ome.zarr / --ome).
@@ -125,6 +126,7 @@ def segment(input_path: str, output_path: str, model: str, workers: int, gpus: i
     """
     _setup_logging(verbose)
     from unetflow.config import ClusterSpec, OutputSettings, RunConfig, SkipSpec, TilingSpec
+    from unetflow.resume import RunDir
 
     if scheduler:
         cluster = ClusterSpec(kind="address", address=scheduler)
@@ -138,7 +140,7 @@ def segment(input_path: str, output_path: str, model: str, workers: int, gpus: i
                           halo=_shape(halo, "halo"), allow_small_halo=allow_small_halo, mirror=mirror, batch_size=batch_size),
         output_settings=OutputSettings(kind=output_kind, dtype=dtype, chunk_shape=_shape(chunk_shape, "chunk shape"),
                                        shard_shape=_shape(shard_shape, "shard shape"), overwrite=overwrite, ome=ome,
-                                       interior_threshold=interior_threshold),
+                                       interior_threshold=interior_threshold, image=image),
         cluster=cluster, device=device, amp=amp, dry_run=dry_run, level=level, resume=resume, part=part,
         skip=SkipSpec(empty=skip_empty, threshold=skip_threshold, mask=mask), compile=compile_,
     )
@@ -151,9 +153,13 @@ def segment(input_path: str, output_path: str, model: str, workers: int, gpus: i
     skipped = f", {report.blocks_skipped} already done" if getattr(report, "blocks_skipped", 0) else ""
     click.echo(
         f"wrote {output_path}: {report.blocks_done} blocks{skipped}, {report.voxels} voxels in {report.seconds:.1f}s "
-        f"({report.voxels_per_second:.3g} voxels/s); report in {output_path}/.unetflow/"
+        f"({report.voxels_per_second:.3g} voxels/s); report in {RunDir(output_path).path}/"
     )
     click.echo(f"telemetry: {report.telemetry.get('verdict', '')}")
+    if config.output_settings.ome or output_path.rstrip("/").lower().endswith(".ome.zarr"):
+        from unetflow.formats.omezarr import viewer_path
+
+        click.echo(f"open it: napari --plugin napari-ome-zarr {viewer_path(output_path, kind=config.output_settings.kind, image=config.output_settings.image)}")
 
 
 def _segment(config: Any, *, progress: bool) -> Any:
@@ -178,7 +184,7 @@ FLAG_SETTINGS = {
     "block_shape": "tiling.block_shape", "patch_shape": "tiling.patch_shape", "blend": "tiling.blend",
     "overlap": "tiling.overlap", "halo": "tiling.halo", "allow_small_halo": "tiling.allow_small_halo",
     "mirror": "tiling.mirror", "batch_size": "tiling.batch_size", "output_kind": "output_settings.kind",
-    "interior_threshold": "output_settings.interior_threshold",
+    "interior_threshold": "output_settings.interior_threshold", "image": "output_settings.image",
     "dtype": "output_settings.dtype", "chunk_shape": "output_settings.chunk_shape", "shard_shape": "output_settings.shard_shape",
     "overwrite": "output_settings.overwrite", "device": "device", "amp": "amp", "dry_run": "dry_run",
     "resume": "resume", "part": "part",

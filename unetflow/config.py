@@ -146,6 +146,7 @@ def to_dict(obj: Any) -> Any:
 
 MIRRORS = ("reflect", "symmetric")
 OUTPUT_KINDS = ("probabilities", "labels", "instances")
+IMAGE_MODES = ("copy", "link", "none")  # the input image at the root of an OME-Zarr labels output
 PROB_DTYPES = ("float32", "float16", "uint8")
 CLUSTER_KINDS = ("local", "inline", "address", "slurm", "pbs", "lsf", "sge", "htcondor")
 JOBQUEUE_KINDS = ("slurm", "pbs", "lsf", "sge", "htcondor")
@@ -189,9 +190,11 @@ class OutputSettings:
     ome: bool = False  # OME-Zarr 0.5 output (also when the path ends in .ome.zarr)
     interior_threshold: float | None = None  # instances: None = unetflow.label.INTERIOR_THRESHOLD
     write_threads: int = 0  # compress + write threads per worker; 0: unetflow.infer.WRITE_THREADS
+    image: str = "copy"  # OME-Zarr labels / instances: the input image at the root (copy, link) or not (none)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", choose(self.kind, OUTPUT_KINDS, what="output kind"))
+        object.__setattr__(self, "image", choose(self.image, IMAGE_MODES, what="image mode"))
         if int(self.write_threads) < 0:
             raise ConfigError(f"write threads {self.write_threads} must be >= 1, or 0 for the default")
         if self.interior_threshold is not None and not 0.0 <= float(self.interior_threshold) < 1.0:

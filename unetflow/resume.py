@@ -1,9 +1,10 @@
 """What makes a run resumable and safe to share: fingerprint, done markers, locks, report.
 
-Everything lives in one folder inside the output array, ``<output>/.unetflow/``
-(Zarr ignores it, and ``--overwrite`` removes it with the output)::
+Everything lives in one folder next to the output, ``<output>.unetflow/`` (issue 18:
+outside the store, so Zarr listings of an OME-Zarr group never meet it; a new output,
+``--overwrite`` included, clears what an earlier output left there, see :meth:`RunDir.clear`)::
 
-    <output>/.unetflow/
+    <output>.unetflow/
       run.json                 fingerprint of the settings and model that made the output
       done/<block_id>.json     one marker per finished block, written after its write
       lock.json                the run writing now (lock.part-3-of-8.json for --part 3/8)
@@ -24,6 +25,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import socket
 import threading
 import time
@@ -35,7 +37,7 @@ from unetflow.errors import ConfigError, LockedError
 
 log = logging.getLogger(__name__)
 
-RUN_DIR = ".unetflow"
+RUN_DIR = ".unetflow"  # the run folder is the output's path plus this suffix
 HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 300.0  # a lock of another host whose heartbeat is older is stale
 
@@ -71,13 +73,17 @@ def part_blocks(n_blocks: int, part: tuple[int, int] | None) -> list[int]:
 
 @dataclass(frozen=True)
 class RunDir:
-    """The ``.unetflow`` folder of one output."""
+    """The run folder of one output: ``<output>.unetflow``, beside the store, never inside it.
+
+    Every caller finds the folder through this class (never by building the path), so
+    its place is decided here only. Local paths only, as are outputs.
+    """
 
     output: str
 
     @property
     def path(self) -> Path:
-        return Path(self.output) / RUN_DIR
+        return Path(str(self.output).rstrip("/") + RUN_DIR)
 
     @property
     def done_dir(self) -> Path:
@@ -104,6 +110,23 @@ class RunDir:
         except FileNotFoundError:
             return set()
         return {int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit()}
+
+    def clear(self) -> None:
+        """Forget an earlier output's run: its markers, fingerprint, reports and stale locks.
+
+        Called right after this run created a new output (``--overwrite`` or a path whose
+        store was deleted by hand), so nothing here can describe the new store. Live
+        locks stay (the next :func:`acquire` names their holder) and so do job logs.
+        """
+        if not self.path.is_dir():
+            return
+        shutil.rmtree(self.done_dir, ignore_errors=True)
+        for path in [self.run_file, self.path / "ome-finished", *self.path.glob("report*.json")]:
+            path.unlink(missing_ok=True)
+        for path in self.path.glob("lock*.json"):
+            found = _read_lock(path)
+            if found and lock_is_stale(*found):
+                path.unlink(missing_ok=True)
 
     def markers(self) -> dict[int, dict[str, Any]]:
         """Every marker's content by block id (for tests and reports)."""
@@ -159,7 +182,7 @@ def check_same_run(run_dir: RunDir, ident: dict[str, Any]) -> None:
         old = read_json(run_dir.run_file)
     except FileNotFoundError:
         raise ConfigError(
-            f"output {run_dir.output} has no {RUN_DIR}/run.json, so it was not made by a resumable unetflow run; "
+            f"output {run_dir.output} has no {run_dir.run_file}, so it was not made by a resumable unetflow run; "
             "pass --overwrite to replace it"
         ) from None
     if old.get("fingerprint") == fingerprint(ident):

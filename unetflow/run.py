@@ -244,7 +244,7 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True, dis
 
     With ``config.resume`` (or ``config.part``) an existing output made with the same
     settings and model is finished: blocks with a done marker are skipped. The run
-    holds the output's lock throughout and writes ``<output>/.unetflow/report.json``.
+    holds the output's lock throughout and writes ``<output>.unetflow/report.json``.
 
     *dispatch*: a :class:`schedule.Dispatcher` to run the blocks on, shared by several
     runs (the nightly pipeline keeps one cluster, and its batch jobs, for all its
@@ -320,8 +320,9 @@ def _segment(p: Prepared, report: RunReport, run_dir: resume.RunDir, dispatch: s
         if not failures and _ome(config) and len(run_dir.done_blocks()) >= p.plan.n_blocks and (report.blocks_done or not finished.exists()):
             from unetflow.formats import omezarr  # the pyramid, once every block (of every part) is done
 
-            vox = getattr(array, "voxel_size", None)
-            omezarr.finish_output(config.output, kind=p.output.kind, voxel_size=vox, unit=getattr(array, "unit", None))
+            names = tuple((p.spec or {}).get("class_names") or ())
+            contents = omezarr.Contents(p.info.classes, names, config.output_settings.image, array, p.layout.has_channel)
+            omezarr.finish_prediction(config.output, kind=p.output.kind, input_path=config.input, level=config.level, contents=contents)
             finished.touch()
         resume.write_json(run_dir.report_file(config.part), report_dict(p, report, ident, len(block_ids)))
     return failures, block_ids
@@ -379,6 +380,7 @@ def claim_output(p: Prepared, stats: Sequence[Sequence[float]], ident: dict[str,
                 raise
             _wait_for(run_dir.run_file)
         else:
+            run_dir.clear()  # a new store: markers beside it are an earlier output's (issue 18)
             resume.record_run(run_dir, ident)
         lock = resume.acquire(run_dir, c.part, takeover=c.resume)
         resume.check_same_run(run_dir, ident)
@@ -429,7 +431,7 @@ def failure_message(failures: Sequence[dict[str, Any]], total: int, output: str)
     wb = first["write_box"]
     return (
         f"{len(failures)} of {total} blocks failed (ids {[f['block_id'] for f in failures][:10]}); first: block {first['block_id']} "
-        f"write box offset {wb['offset']} shape {wb['shape']}: {first['error']}; details in {output}/.unetflow/report.json; "
+        f"write box offset {wb['offset']} shape {wb['shape']}: {first['error']}; details in {resume.RunDir(output).report_file()}; "
         "fix the cause and rerun with --resume to redo only the failed blocks"
     )
 
@@ -511,8 +513,10 @@ def create_output_array(p: Prepared, stats: Sequence[Sequence[float]]) -> None:
         shape, chunks, shards, dim_names = spatial, p.chunk_shape, p.shard_shape, names
     path = p.config.output
     if _ome(p.config):
-        from unetflow.formats import omezarr
+        from unetflow.formats import omeroot, omezarr
 
+        if p.output.kind != "probabilities":  # before anything is written (issue 18)
+            omeroot.check_root_image(p.config.input, level=p.config.level, mode=o.image)
         path = omezarr.prepare_output(path, kind=p.output.kind, overwrite=o.overwrite)
     store.create_output(
         path, shape=shape, chunks=chunks, shards=shards, dtype=p.output.dtype, dimension_names=dim_names,

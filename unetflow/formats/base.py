@@ -74,7 +74,7 @@ class ImageArray:
     ----------
     path : the string the user typed; its identity.
     opener : ``opener()`` -> (raw array with basic slicing, stored axes, extras dict).
-        Extras may carry ``voxel_size`` (spatial, Z/Y/X order), ``unit``, ``chunks``.
+        Extras may carry ``voxel_size`` and ``origin`` (spatial, Z/Y/X order), ``unit``, ``chunks``.
     level : resolution level (pyramidal inputs), part of the identity.
     """
 
@@ -99,6 +99,8 @@ class ImageArray:
         spatial = [n for n in self.dimension_names if n != "c"]
         voxel = extras.get("voxel_size") or {}
         self.voxel_size = tuple(float(voxel.get(a, 1.0)) for a in spatial)
+        origin = extras.get("origin") or {}
+        self.origin = tuple(float(origin.get(a, 0.0)) for a in spatial)  # where voxel 0 lies (OME-Zarr translation)
         self.unit = extras.get("unit")
         self.attrs = dict(extras.get("attrs") or {})
 
@@ -155,6 +157,7 @@ class ImageArray:
             "stored_axes": self.source_axes,
             "dimension_names": list(self.dimension_names),
             "voxel_size": list(self.voxel_size),
+            "origin": list(self.origin),
             "unit": self.unit,
             "nbytes": int(self.nbytes),
             "attributes": self.attrs,

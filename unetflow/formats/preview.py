@@ -101,8 +101,9 @@ def render(prediction: str, png: str, *, input_path: str | None = None, level: i
            project: bool = False, channel: int | None = None, alpha: float = 0.5) -> dict[str, Any]:
     """Write *png*: one slice of *prediction* over its input (from the run's attributes, or *input_path*)."""
     from unetflow import store
+    from unetflow.formats import omezarr
 
-    pred_array = store.open_input(prediction)
+    pred_array = store.open_input(omezarr.prediction_path(prediction))
     meta = dict(getattr(pred_array, "attrs", {}) or {}).get("unetflow", {})
     config = meta.get("config", {})
     labels = meta.get("output", {}).get("kind") == "labels" or np.dtype(pred_array.dtype).kind in "ui" and "c" not in _names(pred_array)
