@@ -119,6 +119,10 @@ def bad_cases(tmp_path, inp, model):
         ([inp, out, "--model", model, "--block-shape", "12,12,12", "--chunk-shape", "8,8,8"], ["not a multiple", "--block-shape"]),
         ([inp, out, "--model", model, "--blend", "crop", "--halo", "1,1,1", "--patch-shape", "16,16,16"], ["halo", "receptive radius"]),
         ([inp, existing, "--model", model], ["exists.zarr", "--overwrite"]),
+        # a --dtype the output cannot be written in: refused before any work
+        ([inp, out, "--model", model, "--dtype", "int8"], ["probability dtype", "int8"]),
+        ([inp, out, "--model", model, "--output", "labels", "--dtype", "float32"], ["labels dtype", "unsigned"]),
+        ([inp, out, "--model", model, "--output", "instances", "--dtype", "uint8"], ["--dtype uint8", "uint64"]),
     ]
 
 

@@ -190,14 +190,22 @@ def output_chunks(config: RunConfig, block: Sequence[int]) -> tuple[tuple[int, .
 
 
 def output_spec(config: RunConfig, info: NetInfo) -> OutputSpec:
+    """What the blocks write; a --dtype that cannot hold it is refused here, before any work."""
     o = config.output_settings
     if o.kind == "instances":
         from unetflow.label import INTERIOR_THRESHOLD
 
+        if o.dtype not in (None, "uint64"):
+            raise ConfigError(f"--dtype {o.dtype} with --output instances: instance ids are uint64; leave --dtype out")
         return OutputSpec("instances", "uint64", INTERIOR_THRESHOLD if o.interior_threshold is None else float(o.interior_threshold))
     if o.kind == "labels":
         smallest = "uint8" if info.classes <= 256 else "uint16"
-        return OutputSpec("labels", o.dtype or smallest)
+        dtype = o.dtype or smallest
+        if dtype not in ("uint8", "uint16", "uint32", "uint64"):
+            raise ConfigError(f"--dtype {dtype} with --output labels: use uint8, uint16, uint32 or uint64 (or leave it out)")
+        if info.classes - 1 > np.iinfo(dtype).max:
+            raise ConfigError(f"--dtype {dtype} cannot hold the labels 0..{info.classes - 1} of this model; use --dtype {smallest} or leave it out")
+        return OutputSpec("labels", dtype)
     return OutputSpec("probabilities", o.dtype or "float32")
 
 
