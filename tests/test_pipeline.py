@@ -136,3 +136,15 @@ def test_tiled_equals_one_block_bit_for_bit(tmp_path):
         segment(config, source=ScaleNetSource(factor=2.0), progress=False)
         outs.append(zarr.open_array(str(tmp_path / name))[:])
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_uint16_as_int16_bits_normalises_like_uint16():
+    """How uint16 rows cross to a GPU (torch's CUDA kernels lack uint16): the same floats."""
+    from unetflow.config import NormSpec
+    from unetflow.infer import normalise_tensor
+
+    raw = np.array([[0, 1, 32767, 32768, 40000, 65535]], dtype=np.uint16)
+    norm, stats = NormSpec(kind="percentile"), ((100.0, 60000.0),)
+    direct = normalise_tensor(torch.from_numpy(raw), norm, stats)
+    bits = normalise_tensor(torch.from_numpy(raw.view(np.int16)), norm, stats, uint16_bits=True)
+    assert torch.equal(direct, bits) and float(bits[0, 5]) > 1.0

@@ -108,6 +108,7 @@ class BlockResult:
     lanes: int = 1  # forward passes side by side (CPU lanes)
     write_threads: int = 1
     amp_check: dict[str, Any] | None = None  # the bf16 guard's measurement (model.predictor.Predictor.check_amp)
+    peak_device_memory: int = 0  # bytes, the GPU memory torch allocated at most in this worker so far (0 on a CPU)
 
     @property
     def seconds(self) -> float:
@@ -319,9 +320,10 @@ def run_block(job: BlockJob, block_id: int) -> BlockResult:
     stages = clock.totals()
     log.debug("block %d write %s read %s patches %d on %s: %.3fs, %s", block_id, block.write_box, block.read_box, block.n_patches,
               predictor.device, wall, ", ".join(f"{k} {v:.3f}s" for k, v in stages.items() if v))
+    gpu_peak = torch.cuda.max_memory_allocated(predictor.device) if predictor.device.type == "cuda" else 0
     return BlockResult(block_id, block.n_patches, block.write_box.size, str(predictor.device), os.getpid(), stages=stages,
                        seconds_wall=wall, objects=objects, peak_rss=peak_rss(), lanes=predictor.lanes,
-                       write_threads=_write_threads(job), amp_check=amp_check)
+                       write_threads=_write_threads(job), amp_check=amp_check, peak_device_memory=gpu_peak)
 
 
 def _write_threads(job: BlockJob) -> int:
