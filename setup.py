@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="unetflow",
-    version="0.1.0",
+    version="0.2.0",
     description="Run and train a U-Net over microscopy images too big for one GPU: Zarr in, Dask blocks, Zarr out.",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",

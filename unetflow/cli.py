@@ -87,6 +87,7 @@ def _shape(value: str | None, what: str) -> tuple[int, ...] | None:
 @click.option("--output", "output_kind", type=click.Choice(["probabilities", "labels", "instances"]), default="probabilities", show_default=True, help="Class probabilities (C, ...), argmax labels, or instances: one 64-bit id per object for models trained on instance labels (background/interior/border), consistent across blocks (a CPU merge phase after the blocks).")
 @click.option("--interior-threshold", type=float, default=None, help="Instances: interior probability a voxel needs to seed an object (default 0.8; 0 is the plain argmax). Higher splits more touching objects, lower merges more.")
 @click.option("--dtype", default=None, help="Probabilities: float32 (default), float16 or uint8 (x255, 4x smaller). Labels: the smallest unsigned type that fits.")
+@click.option("--write-threads", type=int, default=0, show_default=True, help="Threads per worker that convert (on CPU), compress and write finished planes. 0: 2. More keep a fast GPU fed when compression bounds the run (the verdict says so); each holds one output chunk layer of the block in memory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output. Without it an existing output is never touched.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (blocks, shapes, redundancy, memory per worker) and stop.")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu or cuda.")
@@ -102,7 +103,8 @@ def _shape(value: str | None, what: str) -> tuple[int, ...] | None:
 @friendly_errors
 def segment(input_path: str, output_path: str, model: str, workers: int, gpus: int, processes: bool | None, scheduler: str | None, block_shape: str | None,
             patch_shape: str | None, chunk_shape: str | None, shard_shape: str | None, blend: str, overlap: float, halo: str | None,
-            allow_small_halo: bool, mirror: str, batch_size: int, output_kind: str, interior_threshold: float | None, dtype: str | None, overwrite: bool,
+            allow_small_halo: bool, mirror: str, batch_size: int, output_kind: str, interior_threshold: float | None, dtype: str | None,
+            write_threads: int, overwrite: bool,
             dry_run: bool, device: str, amp: bool | None, progress: bool, ome: bool, image: str, level: int | None, verbose: int,
             config_file: str | None = None, resume: bool = False, part: str | None = None,
             skip_empty: bool = False, skip_threshold: float | None = None, mask: str | None = None, compile_: bool = False) -> None:
@@ -139,7 +141,7 @@ def segment(input_path: str, output_path: str, model: str, workers: int, gpus: i
         tiling=TilingSpec(block_shape=_shape(block_shape, "block shape"), patch_shape=_shape(patch_shape, "patch shape"), blend=blend, overlap=overlap,
                           halo=_shape(halo, "halo"), allow_small_halo=allow_small_halo, mirror=mirror, batch_size=batch_size),
         output_settings=OutputSettings(kind=output_kind, dtype=dtype, chunk_shape=_shape(chunk_shape, "chunk shape"),
-                                       shard_shape=_shape(shard_shape, "shard shape"), overwrite=overwrite, ome=ome,
+                                       shard_shape=_shape(shard_shape, "shard shape"), overwrite=overwrite, ome=ome, write_threads=write_threads,
                                        interior_threshold=interior_threshold, image=image),
         cluster=cluster, device=device, amp=amp, dry_run=dry_run, level=level, resume=resume, part=part,
         skip=SkipSpec(empty=skip_empty, threshold=skip_threshold, mask=mask), compile=compile_,
@@ -185,7 +187,7 @@ FLAG_SETTINGS = {
     "overlap": "tiling.overlap", "halo": "tiling.halo", "allow_small_halo": "tiling.allow_small_halo",
     "mirror": "tiling.mirror", "batch_size": "tiling.batch_size", "output_kind": "output_settings.kind",
     "interior_threshold": "output_settings.interior_threshold", "image": "output_settings.image",
-    "dtype": "output_settings.dtype", "chunk_shape": "output_settings.chunk_shape", "shard_shape": "output_settings.shard_shape",
+    "dtype": "output_settings.dtype", "write_threads": "output_settings.write_threads", "chunk_shape": "output_settings.chunk_shape", "shard_shape": "output_settings.shard_shape",
     "overwrite": "output_settings.overwrite", "device": "device", "amp": "amp", "dry_run": "dry_run",
     "resume": "resume", "part": "part",
     "skip_empty": "skip.empty", "skip_threshold": "skip.threshold", "mask": "skip.mask", "compile_": "compile",

@@ -155,9 +155,11 @@ def normalise_tensor(raw: torch.Tensor, norm: NormSpec, stats: tuple[tuple[float
 
     ``stats`` holds per channel (low, high) percentiles or (mean, std). *slab*: planes
     per step along axis 1 (0: all at once; a few keep a CPU's work in its cache).
+    *uint16_bits*: *raw* is int16 holding uint16 bits (how uint16 crosses to a GPU:
+    torch's CUDA kernels do not convert uint16). *out*: a float32 tensor to write into.
     """
-    if raw.dtype == torch.int16 and getattr(raw, "_unetflow_uint16", False):
-        raw = raw.to(torch.int32).bitwise_and_(0xFFFF)  # uint16 crossed as int16 bits
+    if uint16_bits:
+        raw = raw.to(torch.int32).bitwise_and_(0xFFFF)
     if out is None:
         out = torch.empty(raw.shape, dtype=torch.float32, device=raw.device)
     n = raw.shape[1] if raw.dim() > 1 else 1

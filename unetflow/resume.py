@@ -138,7 +138,7 @@ class RunDir:
 IGNORED = {
     # where and how a run executes does not change what it writes
     ("output",), ("model",), ("cluster",), ("dry_run",), ("resume",), ("part",), ("device",),
-    ("output_settings", "overwrite"), ("tiling", "batch_size"),
+    ("output_settings", "overwrite"), ("output_settings", "write_threads"), ("tiling", "batch_size"),
 }
 
 
