@@ -210,20 +210,27 @@ def output_spec(config: RunConfig, info: NetInfo) -> OutputSpec:
 
 
 def estimate_memory(p: Prepared) -> int:
-    """Bytes a worker holds for its largest block, streamed along axis 0.
+    """Bytes a worker holds for its largest block, streamed along axis 0 (on a GPU the
+    sums, rows and batches are in its memory instead; the host keeps the rest).
 
-    Two rows of input (one computing, one prefetched), the open planes of the
-    accumulator (a patch, a step and a flush unit deep), two queued writes, one batch
-    and its activations.
+    Three rows of normalised input (one computing, one prefetched, one whose last
+    patches still run) and the raw input chunks under them; the float32 sums of the
+    held planes, in slabs of a flush unit (a tile deep and one unit more, rounded up to
+    slabs); the slabs queued for or being written (write threads + 1) and their
+    converted copies; one batch and its activations.
     """
+    from unetflow.infer import WRITE_THREADS
+
     t = p.plan.tiling
     read_shape = p.plan.max_read_shape()
-    row = t.patch[0] * math.prod(read_shape[1:]) * p.layout.channels * (4 + 4)
-    plane = math.prod(p.plan.block_shape[1:])
-    flush = (p.shard_shape or p.chunk_shape)[0]
-    open_planes = min(p.plan.block_shape[0], t.tile[0] + t.step[0] + flush)
-    acc = open_planes * plane * (p.info.classes * 8 + 8)
-    writes = 2 * flush * plane * p.info.classes * 4
+    read_plane = math.prod(read_shape[1:]) * p.layout.channels
+    rows = 3 * t.patch[0] * read_plane * 4 + 2 * t.patch[0] * read_plane * 2
+    plane = math.prod(p.plan.block_shape[1:]) * p.info.classes
+    flush = min((p.shard_shape or p.chunk_shape)[0], p.plan.block_shape[0])
+    held = (-(-t.tile[0] // flush) + 1) * flush
+    writes = (p.config.output_settings.write_threads or WRITE_THREADS) + 1
+    sums = (held + writes * flush) * plane * 4
+    converted = 0 if p.output.dtype == "float32" else writes * flush * plane * np.dtype(p.output.dtype).itemsize
     patch = math.prod(t.patch)
     batch_size = p.config.tiling.batch_size or 4
     batch = batch_size * patch * (p.layout.channels + p.info.classes) * 4
@@ -231,7 +238,7 @@ def estimate_memory(p: Prepared) -> int:
     if p.spec:
         width, depth, dims = p.spec["width"], p.spec["depth"], p.spec["dims"]
         acts = sum(3 * width * 2**lvl * patch // 2 ** (dims * lvl) * 4 for lvl in range(depth + 1)) * batch_size
-    return 2 * row + acc + writes + batch + acts
+    return rows + sums + converted + batch + acts
 
 
 def output_attributes(p: Prepared, stats: Sequence[Sequence[float]]) -> dict[str, Any]:
