@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=3, help="Rounds; each row keeps its best run.")
     ap.add_argument("--floor-threads", default="1,2", help="Thread counts tried for the I/O floor (its best counts).")
     ap.add_argument("--work", default="/tmp/unetflow-bench/ceiling", help="Scratch folder.")
-    ap.add_argument("--out", default=None, help="Write the table into this Markdown file (e.g. BENCHMARKS.md).")
+    ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="The Markdown file whose section this run rewrites (\"\" for none).")
     ap.add_argument("--json", default=None, help="Write all runs as JSON here.")
     args = ap.parse_args(argv)
     shape = tuple(int(s) for s in args.shape.split(","))
