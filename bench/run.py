@@ -199,10 +199,11 @@ def _util(r: dict[str, Any]) -> str:
 def _uf_note(r: dict[str, Any]) -> str:
     t = r["telemetry"]
     s = t["seconds"]
+    waited = s.get("wait_read", 0) + s.get("wait_model", 0) + s.get("wait_write", 0) + s.get("drain", 0)
     return (
         f"{r['blocks']} block(s), patches computed / global grid {r['block_redundancy']}; blocks {r['seconds_blocks']:.2f}s; "
-        f"read {s['read']:.2f}s compute {s['compute']:.2f}s write {s['write']:.2f}s waited {s['wait']:.2f}s; "
-        f"busy {t['busy']:.0%}" + _util(r)
+        f"read {s['read']:.2f}s forward {s['forward']:.2f}s blend {s['blend']:.2f}s write {s['write']:.2f}s waited {waited:.2f}s; "
+        f"model busy {t['busy']:.0%}" + _util(r)
     )
 
 

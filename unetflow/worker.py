@@ -31,7 +31,7 @@ _M_TRIM_THRESHOLD = -1
 # mmap threshold also fixes it) returned the top to the OS after nearly every free of a
 # block loop temporary (1-4 MiB: patch outputs, converted slabs), which faulted straight
 # back in: 0.5 M page faults and 1.1 s of system time in a 1.0 s block (issue 14).
-TRIM_THRESHOLD = 32 * 2**20
+TRIM_THRESHOLD = 8 * 2**20
 _TUNED: dict[str, bool] = {}
 _LOCK = threading.Lock()
 
@@ -69,7 +69,7 @@ def tune_allocator() -> dict[str, bool]:
       allocated yet (checked on a probe buffer).
     - ``mmap_threshold``: ``mallopt(M_MMAP_THRESHOLD, 4 MiB)``, which keeps the peak memory
       flat block after block (the heap does not fragment), and ``M_TRIM_THRESHOLD``
-      32 MiB (:data:`TRIM_THRESHOLD`), so that the heap's top is not handed back and
+      8 MiB (:data:`TRIM_THRESHOLD`), so that the heap's top is not handed back and
       faulted in again around every temporary. Only together with huge
       pages: without them every activation would be faulted in 4 KiB at a time again,
       and the model ran ~45 % slower (BENCHMARKS.md, issue 6).
