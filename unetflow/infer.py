@@ -387,8 +387,7 @@ def _run_block(job: BlockJob, block: Block, predictor: Predictor, clock: Clock) 
             ready = None
             if moves.cuda:  # converted on the device, then only the written bytes cross
                 out = convert(values, (predictor.info.classes, *part.shape) if channel_axis else tuple(part.shape))
-                with clock.device("download", moves.down):
-                    values, ready = moves.download(out)
+                values, ready = moves.download(out, clock)
             with clock.host("wait_write"):
                 while len(writes) >= pending:  # bounded queue: memory stays flat if writes are slow
                     writes.popleft().result()
@@ -460,14 +459,15 @@ class Transfers:
         if not self.cuda:
             _HOST_BUFFERS.give(host)
 
-    def download(self, values: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    def download(self, values: torch.Tensor, clock: Clock | None = None) -> tuple[torch.Tensor, Any]:
         if not self.cuda:
             return values, None
         computed = torch.cuda.current_stream(self.device).record_event()
         with torch.cuda.stream(self.down):
-            self.down.wait_event(computed)
+            self.down.wait_event(computed)  # timed after the wait: the copy alone
             host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            host.copy_(values, non_blocking=True)
+            with clock.device("download", self.down) if clock is not None else contextlib.nullcontext():
+                host.copy_(values, non_blocking=True)
             values.record_stream(self.down)
             return host, self.down.record_event()
 
