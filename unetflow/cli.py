@@ -264,8 +264,6 @@ def convert(inputs: tuple[str, ...], output_path: str, chunks: str | None, shard
     from unetflow import store
     from unetflow.formats import convert as conv
 
-    for i, path in enumerate(inputs):  # before anything: --overwrite must never reach an input
-        store.check_not_inputs(output_path, {"input" if len(inputs) == 1 else f"input {i + 1}": path})
     source = store.open_input(inputs[0], level=level) if len(inputs) == 1 else _slices(list(inputs))
     total = conv.n_units(source.shape, _shape(chunks, "chunks"), _shape(shards, "shards"))
     with tqdm(total=total, unit="chunk" if not shards else "shard", disable=not progress, dynamic_ncols=True) as bar:

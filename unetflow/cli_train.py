@@ -75,10 +75,6 @@ def train(args: tuple[str, ...], dims: str, padding: str, depth: int, width: int
     pairs, model_path = _pairs(args)
     if os.path.exists(model_path) and not (resume or overwrite):
         raise OutputExistsError(f"model file {model_path} already exists; pass --resume to continue it, --overwrite to replace it, or choose another path")
-    if overwrite and not resume:
-        from unetflow.model.checkpoint import check_replaceable_checkpoint
-
-        check_replaceable_checkpoint(model_path)
     spec = TrainSpec(
         pairs=pairs, output=model_path,
         model=ModelSpec(dims=int(dims), in_channels=channels, padding=padding, depth=depth, width=width, norm=NormSpec(kind=norm)),

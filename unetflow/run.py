@@ -90,10 +90,6 @@ class RunReport:
 
 def prepare(config: RunConfig, *, source: Any = None) -> Prepared:
     """Check the input, the model and the settings; derive the plan. Touches nothing."""
-    sources = {"input": config.input, "model": None if source else config.model, "mask": config.skip.mask}
-    store.check_not_inputs(config.output, sources)  # before anything: --overwrite must never reach an input
-    if config.output_settings.kind == "instances":
-        store.check_not_inputs(scratch_path(config.output), sources)
     source = source or CheckpointSource(config.model)
     net = source.load()
     info = net_info(net)
@@ -542,8 +538,7 @@ def create_output_array(p: Prepared, stats: Sequence[Sequence[float]]) -> None:
         attributes=output_attributes(p, stats), overwrite=o.overwrite, compression_level=o.compression_level,
     )
     if p.output.kind == "instances":
-        store.create_output(scratch_path(p.config.output), shape=shape, chunks=chunks, dtype="uint64", overwrite=True,
-                            attributes={"unetflow": {"scratch": "instance labelling, phase 1"}})
+        store.create_output(scratch_path(p.config.output), shape=shape, chunks=chunks, dtype="uint64", overwrite=True)
 
 
 def make_job(p: Prepared, stats: Sequence[Sequence[float]]) -> BlockJob:

@@ -237,8 +237,7 @@ def write_sample(path: str, shape: tuple[int, ...], *, seed: int = 0, overwrite:
 
     image, labels = make_sample(tuple(shape), seed=seed, density=density, touch=touch)
     store.check_output_free(path, overwrite=overwrite)
-    store.remove_replaced(path)
-    store.create_group(path, attributes={"unetflow": {"sample": {"seed": seed, "shape": list(shape)}}})
+    store.remove(path)
     names = ("z", "y", "x")[-len(shape):]
     chunks = tuple(min(s, 64 if len(shape) == 3 else 256) for s in shape)
     box = Box((0,) * len(shape), tuple(shape))

@@ -9,7 +9,6 @@ a leading channel axis.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -167,98 +166,9 @@ def absolute_input(path: str) -> str:
 
 
 def check_output_free(path: str | os.PathLike[str], *, overwrite: bool) -> None:
-    """Refuse an existing output unless *overwrite*, and with it anything unetflow did not
-    write (:func:`check_replaceable`); never deletes anything itself."""
+    """Refuse an existing output unless *overwrite*; never deletes anything itself."""
     if os.path.exists(path) and not overwrite:
         raise OutputExistsError(f"output {path} already exists; pass --overwrite to replace it or choose another path")
-    if os.path.lexists(path) and overwrite:
-        check_replaceable(path)
-
-
-def _local(path: str) -> str | None:
-    """The resolved local path of an input or output as typed (symlinks followed), or None
-    for a URL. ``file.h5:/dataset`` names the file, a glob the folder before its first wildcard."""
-    if "://" in path:
-        return None
-    if ":/" in path and not os.path.exists(path):
-        path = path.split(":/", 1)[0]
-    if any(c in path for c in "*?["):
-        path = os.path.dirname(path.split("*")[0].split("?")[0].split("[")[0]) or "."
-    return os.path.realpath(path)
-
-
-def check_not_inputs(output: str, inputs: dict[str, str | None]) -> None:
-    """Refuse an *output* that is one of the *inputs* (name -> path), lies inside one or
-    contains one: paths resolved, symlinks followed; URLs compared as typed.
-
-    Raises
-    ------
-    OutputExistsError
-        Writing (or ``--overwrite``) there would change or delete the input.
-    """
-    out = _local(output)
-    for name, path in inputs.items():
-        if not path:
-            continue
-        src = _local(path)
-        if out is None or src is None:
-            clash = "is" if output.rstrip("/") == path.rstrip("/") else ""
-        elif out == src:
-            clash = "is"
-        elif os.path.commonpath([out, src]) == src:
-            clash = "lies inside"
-        elif os.path.commonpath([out, src]) == out:
-            clash = "contains"
-        else:
-            clash = ""
-        if clash:
-            raise OutputExistsError(f"output {output} {clash} the {name} {path}; writing there would change or delete it; choose another output path")
-
-
-def made_by_unetflow(path: str | os.PathLike[str]) -> bool:
-    """Whether *path* is something unetflow wrote (so ``--overwrite`` may remove it): an
-    empty folder, a Zarr store whose attributes carry unetflow's metadata, an OME-Zarr
-    whose multiscales name unetflow as writer, or an output with its run folder beside it."""
-    from unetflow.resume import RunDir
-
-    path = str(path)
-    if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
-        return True
-    if RunDir(path).run_file.exists():
-        return True
-    meta = os.path.join(path, "zarr.json")
-    if not os.path.isfile(meta):
-        return False
-    try:
-        with open(meta) as f:
-            attrs = json.load(f).get("attributes") or {}
-    except (OSError, ValueError):
-        return False
-    if "unetflow" in attrs:
-        return True
-    ms = (attrs.get("ome") or {}).get("multiscales") or [{}]
-    return isinstance(ms[0], dict) and (ms[0].get("metadata") or {}).get("writer") == "unetflow"
-
-
-def check_replaceable(path: str | os.PathLike[str], *, what: str = "output") -> None:
-    """Refuse to remove *path* (``--overwrite``) unless unetflow wrote it (:func:`made_by_unetflow`).
-
-    Raises
-    ------
-    OutputExistsError
-        Naming the path and what was found there.
-    """
-    if made_by_unetflow(path):
-        return
-    if os.path.isdir(path):
-        entries = sorted(os.listdir(path))
-        found = f"a folder of {len(entries)} entries ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})"
-    else:
-        found = f"a file of {os.path.getsize(path)} bytes" if os.path.exists(path) else "a broken link"
-    raise OutputExistsError(
-        f"--overwrite will not remove {what} {path}: it is {found} with no unetflow metadata or run folder, "
-        "so unetflow did not write it; remove it yourself or choose another path"
-    )
 
 
 def create_output(
@@ -275,7 +185,9 @@ def create_output(
 ) -> zarr.Array:
     """Create the Zarr v3 output array (zstd-compressed, optionally sharded)."""
     check_output_free(path, overwrite=overwrite)
-    remove_replaced(path)
+    if overwrite and os.path.exists(path):
+        log.info("removing existing output %s (--overwrite)", path)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return zarr.create_array(
         store=str(path),
@@ -289,19 +201,6 @@ def create_output(
         fill_value=0,
         zarr_format=3,
     )
-
-
-def create_group(path: str | os.PathLike[str], *, attributes: dict[str, Any]) -> None:
-    """A Zarr v3 group at *path* with *attributes* (unetflow's metadata marks it as ours)."""
-    zarr.open_group(store=str(path), mode="w", zarr_format=3, attributes=attributes)
-
-
-def remove_replaced(path: str | os.PathLike[str]) -> None:
-    """Remove an output ``--overwrite`` replaces, once :func:`check_output_free` allowed it."""
-    if os.path.lexists(path):
-        check_replaceable(path)
-        log.info("removing existing output %s (--overwrite)", path)
-        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
 
 
 def remove(path: str | os.PathLike[str]) -> None:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import zarr
 
-from unetflow.errors import ShapeError
-from unetflow import store
+from unetflow.errors import OutputExistsError, ShapeError
 from unetflow.formats import omezarr
 from unetflow.geometry import grid_boxes
 
@@ -73,8 +73,10 @@ def n_units(shape: Sequence[int], chunks: Sequence[int] | None, shards: Sequence
 def _prepare(output: str, *, overwrite: bool, ome: bool) -> str:
     if ome:
         return omezarr.prepare_output(output, kind="image", overwrite=overwrite)
-    store.check_output_free(output, overwrite=overwrite)
-    store.remove_replaced(output)
+    if os.path.exists(output) and not overwrite:
+        raise OutputExistsError(f"output {output} already exists; pass --overwrite to replace it or choose another path")
+    if os.path.exists(output):
+        shutil.rmtree(output) if os.path.isdir(output) else os.remove(output)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     return output
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,8 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 import zarr
 
-from unetflow.errors import InputFormatError
-from unetflow import store
+from unetflow.errors import InputFormatError, OutputExistsError
 from unetflow.formats import omeroot, remote
 from unetflow.formats.base import ImageArray
 
@@ -185,8 +185,11 @@ def prediction_path(path: str) -> str:
 
 def prepare_output(path: str, *, kind: str, overwrite: bool) -> str:
     """Create the OME-Zarr group(s) of *path*; return the level-0 array path to create and write."""
-    store.check_output_free(path, overwrite=overwrite)
-    store.remove_replaced(path)
+    if os.path.exists(path) and not overwrite:
+        raise OutputExistsError(f"output {path} already exists; pass --overwrite to replace it or choose another path")
+    if os.path.exists(path):
+        log.info("removing existing output %s (--overwrite)", path)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     root = zarr.open_group(store=path, mode="w", zarr_format=3, attributes={"ome": {"version": NGFF_VERSION}})
     if kind in LABEL_KINDS:

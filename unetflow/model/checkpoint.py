@@ -232,27 +232,3 @@ def _reason(err: BaseException) -> str:
 def _summary(spec: ModelSpec) -> str:
     """``2-D valid U-Net, depth 4, width 64, 1 -> 2 channels``"""
     return f"{spec.dims}-D {spec.padding} U-Net, depth {spec.depth}, width {spec.width}, {spec.in_channels} -> {spec.classes} channels"
-
-
-def check_replaceable_checkpoint(path: str | os.PathLike[str]) -> None:
-    """``--overwrite`` replaces a model file only if it is a unetflow checkpoint.
-
-    Raises
-    ------
-    OutputExistsError
-        *path* is a folder, or a file that is not a unetflow checkpoint (read without
-        executing anything).
-    """
-    from unetflow.errors import OutputExistsError
-
-    if not os.path.lexists(path):
-        return
-    found = "a folder" if os.path.isdir(path) else None
-    if found is None:
-        try:
-            _spec_of(Path(path), _read_payload(Path(path), "cpu"))
-            return
-        except (CheckpointError, OSError) as err:
-            found = f"a file that is not a unetflow checkpoint ({str(err)[:80]})"
-    raise OutputExistsError(f"--overwrite will not replace {path}: it is {found}; remove it yourself or choose another path")
-

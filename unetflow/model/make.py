@@ -8,7 +8,7 @@ import torch
 
 from unetflow.config import ModelSpec
 from unetflow.errors import OutputExistsError
-from unetflow.model.checkpoint import check_replaceable_checkpoint, save_checkpoint
+from unetflow.model.checkpoint import save_checkpoint
 from unetflow.model.unet import UNet
 
 
@@ -16,7 +16,6 @@ def init_checkpoint(path: str, spec: ModelSpec, *, seed: int = 0, overwrite: boo
     """Write a freshly initialised U-Net for *spec* to *path* (deterministic for *seed*)."""
     if os.path.exists(path) and not overwrite:
         raise OutputExistsError(f"model file {path} already exists; pass --overwrite to replace it or choose another path")
-    check_replaceable_checkpoint(path)
     torch.manual_seed(seed)
     net = UNet(spec)
     save_checkpoint(path, net, extra={"made_by": f"unetflow model init (seed {seed})"})
