@@ -171,9 +171,10 @@ def _segment(config: Any, *, progress: bool) -> Any:
     starting, by the checks that follow (a second or two later)."""
     import os
 
-    from unetflow import schedule
+    from unetflow import preflight, schedule
     from unetflow.resume import RunDir
 
+    preflight.check(config)  # paths, --overwrite, device: before a cluster starts (issue 15)
     files = os.path.exists(config.input) and os.path.exists(config.model)
     with schedule.Dispatcher.for_run(config, log_directory=str(RunDir(config.output).log_dir), start=files) as dispatch:
         from unetflow import run

@@ -133,6 +133,18 @@ class RunDir:
         return {b: read_json(self.done_dir / f"{b}.json") for b in sorted(self.done_blocks())}
 
 
+def is_unetflow_output(output: str | os.PathLike[str]) -> bool:
+    """Whether *output* is one that ``unetflow segment`` created: its run folder holds
+    the run's identity (``run.json`` with a fingerprint). The one test of ownership that
+    ``--overwrite`` relies on (:func:`unetflow.store.written_by`); it finds the run folder
+    through :class:`RunDir` only, wherever that puts it."""
+    try:
+        data = read_json(RunDir(str(output)).run_file)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "fingerprint" in data and "identity" in data
+
+
 # ---- fingerprint: "same settings and model" -----------------------------------------
 
 IGNORED = {

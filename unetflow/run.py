@@ -19,9 +19,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 import unetflow
-from unetflow import resume, schedule, store, telemetry
+from unetflow import preflight, resume, schedule, store, telemetry
 from unetflow.config import RunConfig, parse_shape, to_dict
-from unetflow.errors import BlockFailedError, ConfigError, OutputExistsError, ShapeError
+from unetflow.errors import BlockFailedError, ConfigError, InputFormatError, OutputExistsError, ShapeError
 from unetflow.infer import BlockJob, BlockResult, OutputSpec, cancel_blocks, norm_stats, run_block
 from unetflow.model.predictor import CheckpointSource, NetInfo, net_info
 from unetflow.plan import Plan, make_tiling
@@ -90,6 +90,7 @@ class RunReport:
 
 def prepare(config: RunConfig, *, source: Any = None) -> Prepared:
     """Check the input, the model and the settings; derive the plan. Touches nothing."""
+    preflight.check(config)
     source = source or CheckpointSource(config.model)
     net = source.load()
     info = net_info(net)
@@ -97,6 +98,7 @@ def prepare(config: RunConfig, *, source: Any = None) -> Prepared:
     norm = net.spec.norm if hasattr(net, "spec") else getattr(net, "norm", None) or _no_norm()
     array = store.open_input(config.input, level=config.level)
     layout = store.layout_for(array, info.dims, name=config.input)
+    check_image(array, layout, name=config.input)
     if layout.channels != info.in_channels:
         raise ShapeError(
             f"input {config.input} has {layout.channels} channel(s) but the model takes {info.in_channels}; "
@@ -110,6 +112,27 @@ def prepare(config: RunConfig, *, source: Any = None) -> Prepared:
     tiling = make_tiling(info.geometry, patch, blend=t.blend, overlap=t.overlap, halo=t.halo, allow_small_halo=t.allow_small_halo)
     plan = Plan(layout.spatial_shape, block, tiling)
     return Prepared(config, info, spec, norm, layout, plan, chunks, shards, output_spec(config, info), source)
+
+
+def check_image(array: Any, layout: store.Layout, *, name: str) -> None:
+    """Refuse an input with no voxels (an axis of length 0) or whose values are not real
+    numbers (complex, strings, records): found here, not as a traceback in a block.
+
+    Raises
+    ------
+    ShapeError, InputFormatError
+    """
+    shape = tuple(int(n) for n in array.shape)
+    if 0 in shape:
+        raise ShapeError(
+            f"input {name} has shape {shape}, an axis of length 0, so no voxels to segment; "
+            "write the image into the array first, or name another array"
+        )
+    kind = np.dtype(array.dtype).kind
+    if kind not in "biuf":
+        raise InputFormatError(
+            f"input {name} has dtype {np.dtype(array.dtype)}, not real numbers; convert it to an integer or float type first"
+        )
 
 
 def _no_norm() -> Any:
@@ -490,9 +513,7 @@ def label_instances(p: Prepared, job: BlockJob, results: Sequence[BlockResult], 
     return n
 
 
-def scratch_path(output: str) -> str:
-    """Where phase 1 of instance labelling writes local ids (removed when the run ends)."""
-    return os.path.abspath(output).rstrip("/") + ".instances-scratch"
+scratch_path = preflight.scratch_path
 
 
 def train(spec: Any, *, progress: bool = True) -> Any:
@@ -538,7 +559,9 @@ def create_output_array(p: Prepared, stats: Sequence[Sequence[float]]) -> None:
         attributes=output_attributes(p, stats), overwrite=o.overwrite, compression_level=o.compression_level,
     )
     if p.output.kind == "instances":
-        store.create_output(scratch_path(p.config.output), shape=shape, chunks=chunks, dtype="uint64", overwrite=True)
+        scratch = scratch_path(p.config.output)
+        store.create_output(scratch, shape=shape, chunks=chunks, dtype="uint64", overwrite=True, kinds=("scratch",),
+                            attributes={"unetflow": {"scratch_of": os.path.abspath(p.config.output)}})
 
 
 def make_job(p: Prepared, stats: Sequence[Sequence[float]]) -> BlockJob:
