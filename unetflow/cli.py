@@ -90,7 +90,7 @@ def _shape(value: str | None, what: str) -> tuple[int, ...] | None:
 @click.option("--write-threads", type=int, default=0, show_default=True, help="Threads per worker that convert (on CPU), compress and write finished planes. 0: 2. More keep a fast GPU fed when compression bounds the run (the verdict says so); each holds one output chunk layer of the block in memory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output. Without it an existing output is never touched.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (blocks, shapes, redundancy, memory per worker) and stop.")
-@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu or cuda.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:N or mps. A device this machine does not have is refused before any work.")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision (bf16, fp16 where bf16 is missing). Default: on for GPUs (about 2x faster, probabilities differ ~1e-2), off on CPU.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @click.option("--ome", is_flag=True, help="Write OME-Zarr 0.5 (multiscales, voxel size, a pyramid for viewers; labels under labels/segmentation). On by default for OUTPUT ending in .ome.zarr.")

@@ -90,6 +90,9 @@ def train(args: tuple[str, ...], dims: str, padding: str, depth: int, width: int
         batch_size=batch_size, learning_rate=learning_rate, loss=loss, w0=w0, sigma=sigma, elastic_strength=elastic_strength,
         val_fraction=val_fraction, seed=seed, resume=resume, init=init, device=device, amp=amp,
     )
+    from unetflow.model.devices import check_device
+
+    check_device(spec.device)  # before any work (issue 15)
     report = run.train(spec, progress=progress)
     best = report.history[-1] if report.history else {}
     click.echo(f"wrote {report.best} (best score {report.best_score:.4f}) and {report.last}; last epoch: {json.dumps(best)}")

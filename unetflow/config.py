@@ -31,6 +31,26 @@ def choose(value: str, options: Sequence[str], *, what: str) -> str:
     raise ConfigError(f"{what} '{value}' is not one of {', '.join(options)};{hint} pass one of them")
 
 
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def parse_device(value: Any) -> str:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; anything else is refused here,
+    on the driver, with a did-you-mean (whether the device exists is checked later, by
+    :func:`unetflow.model.devices.check_device`).
+
+    >>> parse_device("CUDA:1")
+    'cuda:1'
+    """
+    text = str(value).strip().lower()
+    head, _, index = text.partition(":")
+    if head in DEVICES and (not index or (head == "cuda" and index.isdigit())):
+        return text
+    close = difflib.get_close_matches(head, DEVICES, n=1)
+    hint = f" did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"device '{value}' is not one of auto, cpu, cuda, cuda:N, mps;{hint} pass --device with one of them")
+
+
 def parse_shape(value: Any, *, what: str, ndim: int | None = None) -> tuple[int, ...]:
     """Turn ``"64,64"``, ``64`` or ``(64, 64)`` into a tuple of positive ints.
 
@@ -312,6 +332,7 @@ class RunConfig:
     part: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "device", parse_device(self.device))
         if self.part is not None:
             object.__setattr__(self, "part", parse_part(self.part))
 
@@ -445,6 +466,7 @@ class TrainSpec:
     amp: bool | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "device", parse_device(self.device))
         object.__setattr__(self, "targets", choose(self.targets, TARGET_KINDS, what="targets"))
         object.__setattr__(self, "loss", choose(self.loss, LOSSES, what="loss"))
         object.__setattr__(self, "pairs", tuple(tuple(p) for p in self.pairs))

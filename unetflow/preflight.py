@@ -3,7 +3,8 @@
 :func:`check` runs before the model loads or a cluster starts (the CLI calls it first,
 :func:`unetflow.run.prepare` again): where the output lies against the input, mask and
 model; what ``--overwrite`` would remove; whether the output exists; whether its
-location is writable. Checks that need the image and the plan (zero-size
+location is writable; whether the device exists. Torch is imported only when a GPU or
+a named device is asked for. Checks that need the image and the plan (zero-size
 inputs, room for the output) are in :mod:`unetflow.run`.
 """
 
@@ -28,6 +29,7 @@ def check(config: RunConfig) -> None:
     check_existing_output(config)
     if not config.dry_run:
         store.check_writable(config.output)
+    check_device_here(config)
 
 
 def check_paths(config: RunConfig) -> None:
@@ -58,3 +60,16 @@ def check_existing_output(config: RunConfig) -> None:
 def scratch_path(output: str) -> str:
     """Where phase 1 of instance labelling writes local ids (removed when the run ends)."""
     return os.path.abspath(output).rstrip("/") + ".instances-scratch"
+
+
+def check_device_here(config: RunConfig) -> None:
+    """The device exists, where blocks run on this machine (``inline`` or a local
+    cluster); a remote scheduler's or batch jobs' workers are not checked here."""
+    c = config.cluster
+    if c.kind not in ("local", "inline"):
+        return
+    if config.device in ("auto", "cpu") and not c.gpus:
+        return
+    from unetflow.model.devices import check_device
+
+    check_device(config.device, gpus=c.gpus if c.kind == "local" else 0)
