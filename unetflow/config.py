@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -330,9 +331,15 @@ class RunConfig:
     level: int | None = None  # resolution level of a multiscale input (OME-Zarr, pyramidal TIFF)
     resume: bool = False
     part: tuple[int, int] | None = None
+    nan_value: float | None = None  # replaces NaN and Inf in the input (unetflow.finite); None: refuse them
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", parse_device(self.device))
+        if self.nan_value is not None:
+            value = float(self.nan_value)
+            if not math.isfinite(value):
+                raise ConfigError(f"--nan-value {self.nan_value} must be a finite number, e.g. 0; it replaces NaN and Inf in the input")
+            object.__setattr__(self, "nan_value", value)
         if self.part is not None:
             object.__setattr__(self, "part", parse_part(self.part))
 
@@ -401,11 +408,11 @@ def run_config_from_mapping(data: dict[str, Any], **fields: Any) -> RunConfig:
     The mapping has sections ``tiling``, ``output`` and ``cluster`` (a mapping, or a
     kind such as ``local``), and top-level ``device`` and ``amp``.
     """
-    allowed = set(SECTIONS) | {"device", "amp", "resume", "part"}
+    allowed = set(SECTIONS) | {"device", "amp", "resume", "part", "nan_value"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(f"config has unknown top-level keys {unknown}; known: {', '.join(sorted(allowed))}")
-    kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in ("device", "amp", "resume", "part")}
+    kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in ("device", "amp", "resume", "part", "nan_value")}
     for key, cls in SECTIONS.items():
         if key in data:
             kwargs["output_settings" if key == "output" else key] = _section(cls, data[key], what=f"config section '{key}'")

@@ -19,9 +19,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 import unetflow
-from unetflow import preflight, resume, schedule, store, telemetry
+from unetflow import finite, preflight, resume, schedule, store, telemetry
 from unetflow.config import RunConfig, parse_shape, to_dict
-from unetflow.errors import BlockFailedError, ConfigError, InputFormatError, OutputExistsError, ShapeError
+from unetflow.errors import BlockFailedError, ConfigError, InputFormatError, OutputExistsError, OutputWriteError, ShapeError, UnetflowError
 from unetflow.infer import BlockJob, BlockResult, OutputSpec, cancel_blocks, norm_stats, run_block
 from unetflow.model.predictor import CheckpointSource, NetInfo, net_info
 from unetflow.plan import Plan, make_tiling
@@ -65,6 +65,7 @@ class Prepared:
             chunk_shape=list(self.chunk_shape),
             shard_shape=list(self.shard_shape) if self.shard_shape else None,
             memory_per_worker_mb=round(estimate_memory(self) / 2**20, 1),
+            output_mb_uncompressed=round(output_bytes(self) / 2**20, 1),
         )
         return out
 
@@ -264,6 +265,44 @@ def estimate_memory(p: Prepared) -> int:
     return rows + sums + converted + batch + acts
 
 
+# zstd shrinks label maps many times and float probabilities little; no output of
+# unetflow shrinks by more than this, so an output that would not fit even so is refused
+BEST_COMPRESSION = 50
+
+
+def output_bytes(p: Prepared) -> int:
+    """Bytes the output takes uncompressed: level 0, the OME-Zarr pyramid (at most a
+    third more) and, for instances, the uint64 scratch array it needs while it runs."""
+    voxels = math.prod(p.layout.spatial_shape)
+    values = p.info.classes if p.output.kind == "probabilities" else 1
+    total = voxels * values * np.dtype(p.output.dtype).itemsize
+    if _ome(p.config):
+        total += total // 3
+    if p.output.kind == "instances":
+        total += voxels * 8
+    return int(total)
+
+
+def check_room(p: Prepared) -> None:
+    """Refuse an output that cannot fit where it goes even at the best compression;
+    warn, with the figures, where it fits only if it compresses (how well is not known
+    before it is written). A resumed run's blocks already written count as free.
+
+    Raises
+    ------
+    OutputWriteError
+    """
+    free = store.free_bytes(p.config.output)
+    need = output_bytes(p)
+    if free is None or free >= need or p.config.resume or p.config.part is not None:
+        return
+    figures = f"the output needs up to {need / 2**20:.1f} MiB uncompressed and {store.location(p.config.output)} has {free / 2**20:.1f} MiB free"
+    if free < need // BEST_COMPRESSION:
+        raise OutputWriteError(f"{figures}, too little even at {BEST_COMPRESSION}x compression; free space or choose another location")
+    log.warning("%s; it fits only if zstd compresses it %.1fx: a full disk stops the run, and --resume finishes it after space is freed",
+                figures, need / max(free, 1))
+
+
 def output_attributes(p: Prepared, stats: Sequence[Sequence[float]]) -> dict[str, Any]:
     return {
         "unetflow": {
@@ -302,6 +341,7 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True, dis
     report = RunReport(summary=p.summary())
     if config.dry_run:
         return report
+    check_room(p)
     if p.output.kind == "instances" and (config.resume or config.part):
         raise ConfigError(
             "--resume and --part are not supported with --output instances yet (labelling needs every block's "
@@ -324,9 +364,9 @@ def _segment(p: Prepared, report: RunReport, run_dir: resume.RunDir, dispatch: s
     The cluster stops before the lock goes: always when *close*, else after a failure."""
     config = p.config
     array = store.open_input(config.input, level=config.level)
-    stats = norm_stats(store.sample_voxels(array, layout=p.layout), p.norm)
+    stats = input_stats(store.sample_voxels(array, layout=p.layout), p.norm, nan_value=config.nan_value, name=config.input)
     ident = run_identity(p, stats)
-    with claim_output(p, stats, ident, run_dir) as lock:
+    with _storage_errors(config.output), claim_output(p, stats, ident, run_dir) as lock:
         block_ids = resume.part_blocks(p.plan.n_blocks, config.part)
         done = run_dir.done_blocks()
         todo = [b for b in block_ids if b not in done]
@@ -347,7 +387,12 @@ def _segment(p: Prepared, report: RunReport, run_dir: resume.RunDir, dispatch: s
                 log.info(json.dumps(block_log(p, result, outcome)))
 
             fn = resume.MarkDone(run_block, str(run_dir.done_dir), lock.holder["token"])
-            failures = dispatch(fn, job, todo, on_result=on_result)
+            try:
+                failures = dispatch(fn, job, todo, on_result=on_result)
+            except OutputWriteError as err:  # a full or read-only output: the run stops at the first block that met it
+                report.failures = [{"error": str(err)}]
+                _write_report(run_dir, config.part, report_dict(p, report, ident, len(block_ids)))
+                raise
             if p.output.kind == "instances" and not failures:
                 label_instances(p, job, report.results, dispatch)
         report.seconds = time.perf_counter() - t0
@@ -362,8 +407,47 @@ def _segment(p: Prepared, report: RunReport, run_dir: resume.RunDir, dispatch: s
             contents = omezarr.Contents(p.info.classes, names, config.output_settings.image, array, p.layout.has_channel)
             omezarr.finish_prediction(config.output, kind=p.output.kind, input_path=config.input, level=config.level, contents=contents)
             finished.touch()
-        resume.write_json(run_dir.report_file(config.part), report_dict(p, report, ident, len(block_ids)))
+        _write_report(run_dir, config.part, report_dict(p, report, ident, len(block_ids)))
     return failures, block_ids
+
+
+def _write_report(run_dir: resume.RunDir, part: tuple[int, int] | None, data: dict[str, Any]) -> None:
+    """Write report.json; on a full or read-only location say so, and let the run's own result stand."""
+    try:
+        resume.write_json(run_dir.report_file(part), data)
+    except OSError as err:
+        log.warning("could not write the report %s (%s)", run_dir.report_file(part), err)
+
+
+@contextlib.contextmanager
+def _storage_errors(output: str) -> Iterator[None]:
+    """An OSError while the output or its run folder is created or claimed (read-only,
+    full, permissions) -> one line naming the output and the cause."""
+    try:
+        yield
+    except UnetflowError:
+        raise
+    except OSError as err:
+        raise OutputWriteError(
+            f"output {output} could not be written: {err.strerror or err} (errno {err.errno}) at {err.filename or output}; "
+            "free space or make the location writable, then run again (with --resume if blocks were done)"
+        ) from None
+
+
+def input_stats(samples: np.ndarray, norm: Any, *, nan_value: float | None, name: str) -> tuple[tuple[float, float], ...]:
+    """Normalisation statistics of the sampled voxels (C, N), NaN and Inf left out.
+
+    Without *nan_value* a sample holding NaN or Inf is refused (:func:`finite.check_samples`);
+    with it, a channel without one finite value gets the statistics of *nan_value*.
+    """
+    finite.check_samples(samples, nan_value=nan_value, name=name)
+    stats: list[tuple[float, float]] = []
+    for row in samples:
+        kept = finite.finite_values(row)
+        if kept.size == 0:
+            kept = np.array([nan_value or 0.0])
+        stats.extend(norm_stats(kept[None], norm))
+    return tuple(stats)
 
 
 @contextlib.contextmanager
@@ -461,7 +545,8 @@ def block_log(p: Prepared, result: BlockResult, outcome: Any) -> dict[str, Any]:
 
 def failure_entry(p: Prepared, failure: schedule.BlockFailure) -> dict[str, Any]:
     block = p.plan.block(failure.block_id)
-    return {"block_id": failure.block_id, "write_box": _box(block.write_box), "read_box": _box(block.read_box), "error": failure.error}
+    return {"block_id": failure.block_id, "write_box": _box(block.write_box), "read_box": _box(block.read_box), "error": failure.error,
+            "traceback": failure.traceback}
 
 
 def failure_message(failures: Sequence[dict[str, Any]], total: int, output: str) -> str:
@@ -574,7 +659,7 @@ def make_job(p: Prepared, stats: Sequence[Sequence[float]]) -> BlockJob:
         threads=schedule.cpu_threads_per_worker(c.cluster) if c.cluster.kind != "inline" else 0,
         flush_planes=(p.shard_shape or p.chunk_shape)[0], skip_empty=c.skip.empty, skip_threshold=c.skip.threshold,
         mask_path=os.path.abspath(c.skip.mask) if c.skip.mask else None, compile=c.compile,
-        input_level=c.level, write_threads=c.output_settings.write_threads,
+        input_level=c.level, write_threads=c.output_settings.write_threads, nan_value=c.nan_value,
     )
 
 

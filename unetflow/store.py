@@ -365,7 +365,7 @@ def check_writable(path: str, *, what: str = "output") -> None:
         import errno
 
         reason = "read-only file system" if _read_only(where) else "no write permission"
-        raise OutputWriteError(f"{what} {path} cannot be written: {where} has {reason} ({errno.EROFS if _read_only(where) else errno.EACCES}); choose a writable location")
+        raise OutputWriteError(f"{what} {path} cannot be written: {where} has {reason} (errno {errno.EROFS if _read_only(where) else errno.EACCES}); choose a writable location")
 
 
 def _read_only(where: str) -> bool:

@@ -36,7 +36,8 @@ FORMAT_VERSION = 1
 _RESAVE = "re-save it with `unetflow model init` or `unetflow train`"
 _PLAIN = (str, int, float, bool, type(None), torch.Tensor)
 # torch.load raises these for files that are not (safe) torch checkpoints
-_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError)
+# (OSError: a file cut short reaches torch's zip reader as "[Errno 22] Invalid argument")
+_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, OSError)
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ def _reason(err: BaseException) -> str:
     found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if found:
         return f"it holds a pickled {found.group(1)} object"
-    if isinstance(err, EOFError):
+    if isinstance(err, (EOFError, OSError)):
         return "the file is empty or cut short"
     if isinstance(err, KeyError) or "invalid load key" in text:
         return "not a torch file"
