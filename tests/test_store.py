@@ -8,7 +8,7 @@ import zarr
 
 from conftest import random_image, write_zarr
 from unetflow import store
-from unetflow.errors import InputFormatError, InputNotFoundError, OutputExistsError, ShapeError
+from unetflow.errors import ConfigError, InputFormatError, InputNotFoundError, OutputExistsError, ShapeError
 from unetflow.geometry import Box
 
 
@@ -67,8 +67,45 @@ def test_existing_output_is_refused_and_kept(tmp_path):
     with pytest.raises(OutputExistsError, match="--overwrite"):
         store.create_output(out, shape=(4, 4), chunks=(2, 2), dtype="uint8")
     assert zarr.open_array(str(out))[:].sum() == 16  # untouched
-    store.create_output(out, shape=(4, 4), chunks=(2, 2), dtype="uint8", overwrite=True)
-    assert zarr.open_array(str(out))[:].sum() == 0
+    # issue 15: --overwrite removes only what unetflow wrote (here a scratch array) or an empty folder
+    with pytest.raises(OutputExistsError, match=r"o.zarr exists and is a Zarr store that unetflow did not write"):
+        store.create_output(out, shape=(4, 4), chunks=(2, 2), dtype="uint8", overwrite=True)
+    assert zarr.open_array(str(out))[:].sum() == 16  # untouched
+    mine = tmp_path / "mine.zarr"
+    array = store.create_output(mine, shape=(4, 4), chunks=(2, 2), dtype="uint8", attributes={"unetflow": {"scratch_of": "x"}})
+    store.write_box(array, Box((0, 0), (4, 4)), np.ones((4, 4), "u1"), channel_axis=False)
+    store.create_output(mine, shape=(4, 4), chunks=(2, 2), dtype="uint8", overwrite=True, kinds=("scratch",))
+    assert zarr.open_array(str(mine))[:].sum() == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    store.create_output(empty, shape=(4, 4), chunks=(2, 2), dtype="uint8", overwrite=True)
+
+
+@pytest.mark.parametrize("output, other, relation", [
+    ("in.zarr", "in.zarr", "is"),
+    ("in.zarr/pred.zarr", "in.zarr", "lies inside"),
+    ("data", "data/in.zarr/raw", "contains"),
+    ("link.zarr", "in.zarr", "is"),  # a symlink to the input
+    ("data/x.h5.zarr", "data/x.h5:/raw", ""),  # a sibling of the HDF5 file: fine
+    ("x.zarr", "x.h5:/raw", ""),
+    ("in.zarr2", "in.zarr", ""),  # a shared prefix is not containment
+])
+def test_output_apart_from_input(tmp_path, monkeypatch, output, other, relation):
+    """Issue 15: the output may not be the input, lie inside it or contain it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.zarr").mkdir()
+    (tmp_path / "link.zarr").symlink_to(tmp_path / "in.zarr")
+    if not relation:
+        store.check_apart(output, [("input", other)])
+        return
+    with pytest.raises(ConfigError, match=f"output {output} {relation} the input {other}"):
+        store.check_apart(output, [("input", other)])
+
+
+def test_urls_compare_normalised():
+    with pytest.raises(ConfigError, match="is the input"):
+        store.check_apart("S3://bucket/raw.zarr", [("input", "s3://bucket/raw.zarr/")])
+    store.check_apart("s3://bucket/pred.zarr", [("input", "s3://bucket/raw.zarr")])
 
 
 def test_describe(tmp_path):

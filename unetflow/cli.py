@@ -88,9 +88,10 @@ def _shape(value: str | None, what: str) -> tuple[int, ...] | None:
 @click.option("--interior-threshold", type=float, default=None, help="Instances: interior probability a voxel needs to seed an object (default 0.8; 0 is the plain argmax). Higher splits more touching objects, lower merges more.")
 @click.option("--dtype", default=None, help="Probabilities: float32 (default), float16 or uint8 (x255, 4x smaller). Labels: the smallest unsigned type that fits.")
 @click.option("--write-threads", type=int, default=0, show_default=True, help="Threads per worker that convert (on CPU), compress and write finished planes. 0: 2. More keep a fast GPU fed when compression bounds the run (the verdict says so); each holds one output chunk layer of the block in memory.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output. Without it an existing output is never touched.")
+@click.option("--nan-value", "nan_value", type=float, default=None, help="Replace NaN and Inf in the input by this value before the model (statistics ignore them). Without it an input holding NaN or Inf is refused, naming the count.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output, only if unetflow segment made it (or it is an empty folder); anything else is refused. Without it an existing output is never touched.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (blocks, shapes, redundancy, memory per worker) and stop.")
-@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu or cuda.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:N or mps. A device this machine does not have is refused before any work.")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision (bf16, fp16 where bf16 is missing). Default: on for GPUs (about 2x faster, probabilities differ ~1e-2), off on CPU.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @click.option("--ome", is_flag=True, help="Write OME-Zarr 0.5 (multiscales, voxel size, a pyramid for viewers; labels under labels/segmentation). On by default for OUTPUT ending in .ome.zarr.")
@@ -104,7 +105,7 @@ def _shape(value: str | None, what: str) -> tuple[int, ...] | None:
 def segment(input_path: str, output_path: str, model: str, workers: int, gpus: int, processes: bool | None, scheduler: str | None, block_shape: str | None,
             patch_shape: str | None, chunk_shape: str | None, shard_shape: str | None, blend: str, overlap: float, halo: str | None,
             allow_small_halo: bool, mirror: str, batch_size: int, output_kind: str, interior_threshold: float | None, dtype: str | None,
-            write_threads: int, overwrite: bool,
+            write_threads: int, nan_value: float | None, overwrite: bool,
             dry_run: bool, device: str, amp: bool | None, progress: bool, ome: bool, image: str, level: int | None, verbose: int,
             config_file: str | None = None, resume: bool = False, part: str | None = None,
             skip_empty: bool = False, skip_threshold: float | None = None, mask: str | None = None, compile_: bool = False) -> None:
@@ -144,7 +145,7 @@ def segment(input_path: str, output_path: str, model: str, workers: int, gpus: i
                                        shard_shape=_shape(shard_shape, "shard shape"), overwrite=overwrite, ome=ome, write_threads=write_threads,
                                        interior_threshold=interior_threshold, image=image),
         cluster=cluster, device=device, amp=amp, dry_run=dry_run, level=level, resume=resume, part=part,
-        skip=SkipSpec(empty=skip_empty, threshold=skip_threshold, mask=mask), compile=compile_,
+        skip=SkipSpec(empty=skip_empty, threshold=skip_threshold, mask=mask), compile=compile_, nan_value=nan_value,
     )
     if config_file:
         config = _with_config_file(config, config_file)
@@ -171,9 +172,10 @@ def _segment(config: Any, *, progress: bool) -> Any:
     starting, by the checks that follow (a second or two later)."""
     import os
 
-    from unetflow import schedule
+    from unetflow import preflight, schedule
     from unetflow.resume import RunDir
 
+    preflight.check(config)  # paths, --overwrite, device: before a cluster starts (issue 15)
     files = os.path.exists(config.input) and os.path.exists(config.model)
     with schedule.Dispatcher.for_run(config, log_directory=str(RunDir(config.output).log_dir), start=files) as dispatch:
         from unetflow import run
@@ -189,7 +191,7 @@ FLAG_SETTINGS = {
     "interior_threshold": "output_settings.interior_threshold", "image": "output_settings.image",
     "dtype": "output_settings.dtype", "write_threads": "output_settings.write_threads", "chunk_shape": "output_settings.chunk_shape", "shard_shape": "output_settings.shard_shape",
     "overwrite": "output_settings.overwrite", "device": "device", "amp": "amp", "dry_run": "dry_run",
-    "resume": "resume", "part": "part",
+    "resume": "resume", "part": "part", "nan_value": "nan_value",
     "skip_empty": "skip.empty", "skip_threshold": "skip.threshold", "mask": "skip.mask", "compile_": "compile",
 }
 CLUSTER_FLAGS = ("workers", "gpus", "processes", "scheduler")
@@ -264,6 +266,8 @@ def convert(inputs: tuple[str, ...], output_path: str, chunks: str | None, shard
     from unetflow import store
     from unetflow.formats import convert as conv
 
+    store.check_apart(output_path, [("input", path) for path in inputs])  # before --overwrite could remove an input (issue 15)
+    store.check_writable(output_path)
     source = store.open_input(inputs[0], level=level) if len(inputs) == 1 else _slices(list(inputs))
     total = conv.n_units(source.shape, _shape(chunks, "chunks"), _shape(shards, "shards"))
     with tqdm(total=total, unit="chunk" if not shards else "shard", disable=not progress, dynamic_ncols=True) as bar:

@@ -67,14 +67,22 @@ def train(args: tuple[str, ...], dims: str, padding: str, depth: int, width: int
     """
     import os
 
-    from unetflow import run
+    from unetflow import run, store
     from unetflow.config import ModelSpec, NormSpec, TrainSpec
     from unetflow.errors import OutputExistsError
 
     _setup_logging(max(verbose, 1))
     pairs, model_path = _pairs(args)
+    store.check_apart(model_path, [(kind, path) for pair in pairs for kind, path in zip(("image", "labels"), pair)] + [("--init model", init)],
+                      what="model file")
     if os.path.exists(model_path) and not (resume or overwrite):
         raise OutputExistsError(f"model file {model_path} already exists; pass --resume to continue it, --overwrite to replace it, or choose another path")
+    if not resume:  # --overwrite replaces only unetflow checkpoints (issue 15)
+        from unetflow.model.checkpoint import check_replaceable
+        from unetflow.train.loop import last_path
+
+        check_replaceable(model_path, overwrite=overwrite)
+        check_replaceable(last_path(model_path), overwrite=True, what="last checkpoint")  # refused only if not a checkpoint
     spec = TrainSpec(
         pairs=pairs, output=model_path,
         model=ModelSpec(dims=int(dims), in_channels=channels, padding=padding, depth=depth, width=width, norm=NormSpec(kind=norm)),
@@ -82,6 +90,9 @@ def train(args: tuple[str, ...], dims: str, padding: str, depth: int, width: int
         batch_size=batch_size, learning_rate=learning_rate, loss=loss, w0=w0, sigma=sigma, elastic_strength=elastic_strength,
         val_fraction=val_fraction, seed=seed, resume=resume, init=init, device=device, amp=amp,
     )
+    from unetflow.model.devices import check_device
+
+    check_device(spec.device)  # before any work (issue 15)
     report = run.train(spec, progress=progress)
     best = report.history[-1] if report.history else {}
     click.echo(f"wrote {report.best} (best score {report.best_score:.4f}) and {report.last}; last epoch: {json.dumps(best)}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -29,6 +30,26 @@ def choose(value: str, options: Sequence[str], *, what: str) -> str:
     close = difflib.get_close_matches(text, options, n=1)
     hint = f" did you mean '{close[0]}'?" if close else ""
     raise ConfigError(f"{what} '{value}' is not one of {', '.join(options)};{hint} pass one of them")
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def parse_device(value: Any) -> str:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; anything else is refused here,
+    on the driver, with a did-you-mean (whether the device exists is checked later, by
+    :func:`unetflow.model.devices.check_device`).
+
+    >>> parse_device("CUDA:1")
+    'cuda:1'
+    """
+    text = str(value).strip().lower()
+    head, _, index = text.partition(":")
+    if head in DEVICES and (not index or (head == "cuda" and index.isdigit())):
+        return text
+    close = difflib.get_close_matches(head, DEVICES, n=1)
+    hint = f" did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"device '{value}' is not one of auto, cpu, cuda, cuda:N, mps;{hint} pass --device with one of them")
 
 
 def parse_shape(value: Any, *, what: str, ndim: int | None = None) -> tuple[int, ...]:
@@ -310,8 +331,15 @@ class RunConfig:
     level: int | None = None  # resolution level of a multiscale input (OME-Zarr, pyramidal TIFF)
     resume: bool = False
     part: tuple[int, int] | None = None
+    nan_value: float | None = None  # replaces NaN and Inf in the input (unetflow.finite); None: refuse them
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "device", parse_device(self.device))
+        if self.nan_value is not None:
+            value = float(self.nan_value)
+            if not math.isfinite(value):
+                raise ConfigError(f"--nan-value {self.nan_value} must be a finite number, e.g. 0; it replaces NaN and Inf in the input")
+            object.__setattr__(self, "nan_value", value)
         if self.part is not None:
             object.__setattr__(self, "part", parse_part(self.part))
 
@@ -380,11 +408,11 @@ def run_config_from_mapping(data: dict[str, Any], **fields: Any) -> RunConfig:
     The mapping has sections ``tiling``, ``output`` and ``cluster`` (a mapping, or a
     kind such as ``local``), and top-level ``device`` and ``amp``.
     """
-    allowed = set(SECTIONS) | {"device", "amp", "resume", "part"}
+    allowed = set(SECTIONS) | {"device", "amp", "resume", "part", "nan_value"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(f"config has unknown top-level keys {unknown}; known: {', '.join(sorted(allowed))}")
-    kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in ("device", "amp", "resume", "part")}
+    kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in ("device", "amp", "resume", "part", "nan_value")}
     for key, cls in SECTIONS.items():
         if key in data:
             kwargs["output_settings" if key == "output" else key] = _section(cls, data[key], what=f"config section '{key}'")
@@ -445,6 +473,7 @@ class TrainSpec:
     amp: bool | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "device", parse_device(self.device))
         object.__setattr__(self, "targets", choose(self.targets, TARGET_KINDS, what="targets"))
         object.__setattr__(self, "loss", choose(self.loss, LOSSES, what="loss"))
         object.__setattr__(self, "pairs", tuple(tuple(p) for p in self.pairs))

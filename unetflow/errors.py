@@ -36,6 +36,10 @@ class OutputExistsError(UnetflowError, FileExistsError):
     """The output exists and --overwrite was not given."""
 
 
+class OutputWriteError(UnetflowError, OSError):
+    """The output's location cannot be written: read-only, full, or a store error."""
+
+
 class BlockFailedError(UnetflowError, RuntimeError):
     """One or more blocks failed during a run."""
 

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unetflow import store
+from unetflow import finite, store
 from unetflow.blend import PlaneWindow
 from unetflow.config import NormSpec
 from unetflow.geometry import Box
@@ -89,6 +89,7 @@ class BlockJob:
     compile: bool = False
     input_level: int | None = None
     write_threads: int = 0  # compress + write threads per worker; 0: WRITE_THREADS
+    nan_value: float | None = None  # replaces NaN/Inf in raw reads (unetflow.finite.finite_block); None: refuse them
 
 
 @dataclass(frozen=True)
@@ -520,7 +521,8 @@ class RowReader:
 
     def _read(self, box: Box) -> np.ndarray:
         j = self.job
-        return store.read_box(self.array, box, layout=j.layout, mode=j.mirror, name=j.input_path)
+        raw = store.read_box(self.array, box, layout=j.layout, mode=j.mirror, name=j.input_path)
+        return finite.finite_block(raw, nan_value=j.nan_value, name=j.input_path, box=box)  # issue 15: before normalising
 
     def __call__(self, box: Box) -> np.ndarray:
         if not self.depth:

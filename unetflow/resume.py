@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import hashlib
 import json
 import logging
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from unetflow.errors import ConfigError, LockedError
+from unetflow.errors import ConfigError, LockedError, OutputWriteError
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,13 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1, default=str))
+        os.replace(tmp, path)
+    except OSError:  # a full disk: leave no half-written temporary behind
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -131,6 +137,18 @@ class RunDir:
     def markers(self) -> dict[int, dict[str, Any]]:
         """Every marker's content by block id (for tests and reports)."""
         return {b: read_json(self.done_dir / f"{b}.json") for b in sorted(self.done_blocks())}
+
+
+def is_unetflow_output(output: str | os.PathLike[str]) -> bool:
+    """Whether *output* is one that ``unetflow segment`` created: its run folder holds
+    the run's identity (``run.json`` with a fingerprint). The one test of ownership that
+    ``--overwrite`` relies on (:func:`unetflow.store.written_by`); it finds the run folder
+    through :class:`RunDir` only, wherever that puts it."""
+    try:
+        data = read_json(RunDir(str(output)).run_file)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "fingerprint" in data and "identity" in data
 
 
 # ---- fingerprint: "same settings and model" -----------------------------------------
@@ -236,13 +254,36 @@ class MarkDone:
     run_id: str
 
     def __call__(self, job: Any, block_id: int) -> Outcome:
-        result = self.fn(job, block_id)
-        host, pid = socket.gethostname(), os.getpid()
-        job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID") or os.environ.get("LSB_JOBID") or os.environ.get("JOB_ID")
-        marker = {"block_id": block_id, "run_id": self.run_id, "host": host, "pid": pid, "job_id": job_id, "finished": _now()}
-        write_json(Path(self.done_dir) / f"{block_id}.json", marker)
+        try:
+            result = self.fn(job, block_id)
+            host, pid = socket.gethostname(), os.getpid()
+            job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID") or os.environ.get("LSB_JOBID") or os.environ.get("JOB_ID")
+            marker = {"block_id": block_id, "run_id": self.run_id, "host": host, "pid": pid, "job_id": job_id, "finished": _now()}
+            write_json(Path(self.done_dir) / f"{block_id}.json", marker)
+        except OSError as err:
+            if err.errno not in STORAGE_ERRNOS:
+                raise
+            raise OutputWriteError(storage_failure(job, block_id, err)) from None
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
         return Outcome(result, host, pid, job_id, peak)
+
+
+# Errors of the output's storage that every later block would meet too: the run stops
+# at the first (issue 15) instead of failing each block in turn.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def storage_failure(job: Any, block_id: int, err: OSError) -> str:
+    """One line: the block, its write box, the cause, and what to do."""
+    plan = getattr(job, "plan", None)
+    where = ""
+    if plan is not None:
+        wb = plan.block(block_id).write_box
+        where = f" (write box offset {list(wb.offset)} shape {list(wb.shape)})"
+    return (
+        f"block {block_id}{where} could not write the output: {err.strerror or err} (errno {err.errno}); "
+        "the blocks done so far are kept: free space or make the location writable, then rerun with --resume"
+    )
 
 
 def _now() -> str:
@@ -329,9 +370,13 @@ class Lock:
 
     def release(self) -> None:
         self._stop.set()
-        with contextlib.suppress(FileNotFoundError, ValueError):
+        try:
             if read_json(self.path).get("token") == self.holder["token"]:
                 self.path.unlink()
+        except (FileNotFoundError, ValueError):
+            pass
+        except OSError as err:  # a location that turned read-only: say so, do not hide the run's own error
+            log.warning("could not remove the lock %s (%s); remove it once the location is writable, or take it over with --resume", self.path, err)
 
 
 def acquire(run_dir: RunDir, part: tuple[int, int] | None, *, takeover: bool) -> Lock:

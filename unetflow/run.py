@@ -19,9 +19,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 import unetflow
-from unetflow import resume, schedule, store, telemetry
+from unetflow import finite, preflight, resume, schedule, store, telemetry
 from unetflow.config import RunConfig, parse_shape, to_dict
-from unetflow.errors import BlockFailedError, ConfigError, OutputExistsError, ShapeError
+from unetflow.errors import BlockFailedError, ConfigError, InputFormatError, OutputExistsError, OutputWriteError, ShapeError, UnetflowError
 from unetflow.infer import BlockJob, BlockResult, OutputSpec, cancel_blocks, norm_stats, run_block
 from unetflow.model.predictor import CheckpointSource, NetInfo, net_info
 from unetflow.plan import Plan, make_tiling
@@ -65,6 +65,7 @@ class Prepared:
             chunk_shape=list(self.chunk_shape),
             shard_shape=list(self.shard_shape) if self.shard_shape else None,
             memory_per_worker_mb=round(estimate_memory(self) / 2**20, 1),
+            output_mb_uncompressed=round(output_bytes(self) / 2**20, 1),
         )
         return out
 
@@ -90,6 +91,7 @@ class RunReport:
 
 def prepare(config: RunConfig, *, source: Any = None) -> Prepared:
     """Check the input, the model and the settings; derive the plan. Touches nothing."""
+    preflight.check(config)
     source = source or CheckpointSource(config.model)
     net = source.load()
     info = net_info(net)
@@ -97,6 +99,7 @@ def prepare(config: RunConfig, *, source: Any = None) -> Prepared:
     norm = net.spec.norm if hasattr(net, "spec") else getattr(net, "norm", None) or _no_norm()
     array = store.open_input(config.input, level=config.level)
     layout = store.layout_for(array, info.dims, name=config.input)
+    check_image(array, layout, name=config.input)
     if layout.channels != info.in_channels:
         raise ShapeError(
             f"input {config.input} has {layout.channels} channel(s) but the model takes {info.in_channels}; "
@@ -110,6 +113,27 @@ def prepare(config: RunConfig, *, source: Any = None) -> Prepared:
     tiling = make_tiling(info.geometry, patch, blend=t.blend, overlap=t.overlap, halo=t.halo, allow_small_halo=t.allow_small_halo)
     plan = Plan(layout.spatial_shape, block, tiling)
     return Prepared(config, info, spec, norm, layout, plan, chunks, shards, output_spec(config, info), source)
+
+
+def check_image(array: Any, layout: store.Layout, *, name: str) -> None:
+    """Refuse an input with no voxels (an axis of length 0) or whose values are not real
+    numbers (complex, strings, records): found here, not as a traceback in a block.
+
+    Raises
+    ------
+    ShapeError, InputFormatError
+    """
+    shape = tuple(int(n) for n in array.shape)
+    if 0 in shape:
+        raise ShapeError(
+            f"input {name} has shape {shape}, an axis of length 0, so no voxels to segment; "
+            "write the image into the array first, or name another array"
+        )
+    kind = np.dtype(array.dtype).kind
+    if kind not in "biuf":
+        raise InputFormatError(
+            f"input {name} has dtype {np.dtype(array.dtype)}, not real numbers; convert it to an integer or float type first"
+        )
 
 
 def _no_norm() -> Any:
@@ -241,6 +265,44 @@ def estimate_memory(p: Prepared) -> int:
     return rows + sums + converted + batch + acts
 
 
+# zstd shrinks label maps many times and float probabilities little; no output of
+# unetflow shrinks by more than this, so an output that would not fit even so is refused
+BEST_COMPRESSION = 50
+
+
+def output_bytes(p: Prepared) -> int:
+    """Bytes the output takes uncompressed: level 0, the OME-Zarr pyramid (at most a
+    third more) and, for instances, the uint64 scratch array it needs while it runs."""
+    voxels = math.prod(p.layout.spatial_shape)
+    values = p.info.classes if p.output.kind == "probabilities" else 1
+    total = voxels * values * np.dtype(p.output.dtype).itemsize
+    if _ome(p.config):
+        total += total // 3
+    if p.output.kind == "instances":
+        total += voxels * 8
+    return int(total)
+
+
+def check_room(p: Prepared) -> None:
+    """Refuse an output that cannot fit where it goes even at the best compression;
+    warn, with the figures, where it fits only if it compresses (how well is not known
+    before it is written). A resumed run's blocks already written count as free.
+
+    Raises
+    ------
+    OutputWriteError
+    """
+    free = store.free_bytes(p.config.output)
+    need = output_bytes(p)
+    if free is None or free >= need or p.config.resume or p.config.part is not None:
+        return
+    figures = f"the output needs up to {need / 2**20:.1f} MiB uncompressed and {store.location(p.config.output)} has {free / 2**20:.1f} MiB free"
+    if free < need // BEST_COMPRESSION:
+        raise OutputWriteError(f"{figures}, too little even at {BEST_COMPRESSION}x compression; free space or choose another location")
+    log.warning("%s; it fits only if zstd compresses it %.1fx: a full disk stops the run, and --resume finishes it after space is freed",
+                figures, need / max(free, 1))
+
+
 def output_attributes(p: Prepared, stats: Sequence[Sequence[float]]) -> dict[str, Any]:
     return {
         "unetflow": {
@@ -279,6 +341,7 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True, dis
     report = RunReport(summary=p.summary())
     if config.dry_run:
         return report
+    check_room(p)
     if p.output.kind == "instances" and (config.resume or config.part):
         raise ConfigError(
             "--resume and --part are not supported with --output instances yet (labelling needs every block's "
@@ -301,9 +364,9 @@ def _segment(p: Prepared, report: RunReport, run_dir: resume.RunDir, dispatch: s
     The cluster stops before the lock goes: always when *close*, else after a failure."""
     config = p.config
     array = store.open_input(config.input, level=config.level)
-    stats = norm_stats(store.sample_voxels(array, layout=p.layout), p.norm)
+    stats = input_stats(store.sample_voxels(array, layout=p.layout), p.norm, nan_value=config.nan_value, name=config.input)
     ident = run_identity(p, stats)
-    with claim_output(p, stats, ident, run_dir) as lock:
+    with _storage_errors(config.output), claim_output(p, stats, ident, run_dir) as lock:
         block_ids = resume.part_blocks(p.plan.n_blocks, config.part)
         done = run_dir.done_blocks()
         todo = [b for b in block_ids if b not in done]
@@ -324,7 +387,12 @@ def _segment(p: Prepared, report: RunReport, run_dir: resume.RunDir, dispatch: s
                 log.info(json.dumps(block_log(p, result, outcome)))
 
             fn = resume.MarkDone(run_block, str(run_dir.done_dir), lock.holder["token"])
-            failures = dispatch(fn, job, todo, on_result=on_result)
+            try:
+                failures = dispatch(fn, job, todo, on_result=on_result)
+            except OutputWriteError as err:  # a full or read-only output: the run stops at the first block that met it
+                report.failures = [{"error": str(err)}]
+                _write_report(run_dir, config.part, report_dict(p, report, ident, len(block_ids)))
+                raise
             if p.output.kind == "instances" and not failures:
                 label_instances(p, job, report.results, dispatch)
         report.seconds = time.perf_counter() - t0
@@ -339,8 +407,47 @@ def _segment(p: Prepared, report: RunReport, run_dir: resume.RunDir, dispatch: s
             contents = omezarr.Contents(p.info.classes, names, config.output_settings.image, array, p.layout.has_channel)
             omezarr.finish_prediction(config.output, kind=p.output.kind, input_path=config.input, level=config.level, contents=contents)
             finished.touch()
-        resume.write_json(run_dir.report_file(config.part), report_dict(p, report, ident, len(block_ids)))
+        _write_report(run_dir, config.part, report_dict(p, report, ident, len(block_ids)))
     return failures, block_ids
+
+
+def _write_report(run_dir: resume.RunDir, part: tuple[int, int] | None, data: dict[str, Any]) -> None:
+    """Write report.json; on a full or read-only location say so, and let the run's own result stand."""
+    try:
+        resume.write_json(run_dir.report_file(part), data)
+    except OSError as err:
+        log.warning("could not write the report %s (%s)", run_dir.report_file(part), err)
+
+
+@contextlib.contextmanager
+def _storage_errors(output: str) -> Iterator[None]:
+    """An OSError while the output or its run folder is created or claimed (read-only,
+    full, permissions) -> one line naming the output and the cause."""
+    try:
+        yield
+    except UnetflowError:
+        raise
+    except OSError as err:
+        raise OutputWriteError(
+            f"output {output} could not be written: {err.strerror or err} (errno {err.errno}) at {err.filename or output}; "
+            "free space or make the location writable, then run again (with --resume if blocks were done)"
+        ) from None
+
+
+def input_stats(samples: np.ndarray, norm: Any, *, nan_value: float | None, name: str) -> tuple[tuple[float, float], ...]:
+    """Normalisation statistics of the sampled voxels (C, N), NaN and Inf left out.
+
+    Without *nan_value* a sample holding NaN or Inf is refused (:func:`finite.check_samples`);
+    with it, a channel without one finite value gets the statistics of *nan_value*.
+    """
+    finite.check_samples(samples, nan_value=nan_value, name=name)
+    stats: list[tuple[float, float]] = []
+    for row in samples:
+        kept = finite.finite_values(row)
+        if kept.size == 0:
+            kept = np.array([nan_value or 0.0])
+        stats.extend(norm_stats(kept[None], norm))
+    return tuple(stats)
 
 
 @contextlib.contextmanager
@@ -438,7 +545,8 @@ def block_log(p: Prepared, result: BlockResult, outcome: Any) -> dict[str, Any]:
 
 def failure_entry(p: Prepared, failure: schedule.BlockFailure) -> dict[str, Any]:
     block = p.plan.block(failure.block_id)
-    return {"block_id": failure.block_id, "write_box": _box(block.write_box), "read_box": _box(block.read_box), "error": failure.error}
+    return {"block_id": failure.block_id, "write_box": _box(block.write_box), "read_box": _box(block.read_box), "error": failure.error,
+            "traceback": failure.traceback}
 
 
 def failure_message(failures: Sequence[dict[str, Any]], total: int, output: str) -> str:
@@ -490,9 +598,7 @@ def label_instances(p: Prepared, job: BlockJob, results: Sequence[BlockResult], 
     return n
 
 
-def scratch_path(output: str) -> str:
-    """Where phase 1 of instance labelling writes local ids (removed when the run ends)."""
-    return os.path.abspath(output).rstrip("/") + ".instances-scratch"
+scratch_path = preflight.scratch_path
 
 
 def train(spec: Any, *, progress: bool = True) -> Any:
@@ -538,7 +644,9 @@ def create_output_array(p: Prepared, stats: Sequence[Sequence[float]]) -> None:
         attributes=output_attributes(p, stats), overwrite=o.overwrite, compression_level=o.compression_level,
     )
     if p.output.kind == "instances":
-        store.create_output(scratch_path(p.config.output), shape=shape, chunks=chunks, dtype="uint64", overwrite=True)
+        scratch = scratch_path(p.config.output)
+        store.create_output(scratch, shape=shape, chunks=chunks, dtype="uint64", overwrite=True, kinds=("scratch",),
+                            attributes={"unetflow": {"scratch_of": os.path.abspath(p.config.output)}})
 
 
 def make_job(p: Prepared, stats: Sequence[Sequence[float]]) -> BlockJob:
@@ -551,7 +659,7 @@ def make_job(p: Prepared, stats: Sequence[Sequence[float]]) -> BlockJob:
         threads=schedule.cpu_threads_per_worker(c.cluster) if c.cluster.kind != "inline" else 0,
         flush_planes=(p.shard_shape or p.chunk_shape)[0], skip_empty=c.skip.empty, skip_threshold=c.skip.threshold,
         mask_path=os.path.abspath(c.skip.mask) if c.skip.mask else None, compile=c.compile,
-        input_level=c.level, write_threads=c.output_settings.write_threads,
+        input_level=c.level, write_threads=c.output_settings.write_threads, nan_value=c.nan_value,
     )
 
 

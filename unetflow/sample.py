@@ -236,8 +236,7 @@ def write_sample(path: str, shape: tuple[int, ...], *, seed: int = 0, overwrite:
     from unetflow.geometry import Box
 
     image, labels = make_sample(tuple(shape), seed=seed, density=density, touch=touch)
-    store.check_output_free(path, overwrite=overwrite)
-    store.remove(path)
+    store.clear_output(path, overwrite=overwrite, kinds=("sample",))  # only an earlier sample (or an empty folder)
     names = ("z", "y", "x")[-len(shape):]
     chunks = tuple(min(s, 64 if len(shape) == 3 else 256) for s in shape)
     box = Box((0,) * len(shape), tuple(shape))

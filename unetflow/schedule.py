@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 class BlockFailure:
     block_id: int
     error: str
+    traceback: str = ""  # the worker-side traceback: for report.json, never the console
 
 
 def cpu_threads_per_worker(spec: ClusterSpec) -> int:
@@ -412,7 +413,7 @@ def run_blocks(
             raise
         except Exception as err:  # a block's own failure: recorded, reported, the others go on
             block_id = int(future.key.split("-")[2])
-            failures.append(BlockFailure(block_id, f"{type(err).__name__}: {err}"))
+            failures.append(BlockFailure(block_id, f"{type(err).__name__}: {err}", _traceback_text(future.traceback())))
             log.error("block %d failed: %s: %s", block_id, type(err).__name__, err)
         else:
             on_result(result)
@@ -435,11 +436,17 @@ def run_inline(fn: Callable[[Any, int], Any], job: Any, block_ids: Sequence[int]
         except UnetflowError:
             raise
         except Exception as err:  # recorded and reported; the other blocks go on
-            failures.append(BlockFailure(block_id, f"{type(err).__name__}: {err}"))
+            failures.append(BlockFailure(block_id, f"{type(err).__name__}: {err}", _traceback_text(err.__traceback__)))
             log.error("block %d failed: %s: %s", block_id, type(err).__name__, err)
             continue
         on_result(result)
     return failures
+
+
+def _traceback_text(tb: Any) -> str:
+    import traceback
+
+    return "".join(traceback.format_tb(tb)) if tb is not None else ""
 
 
 def raise_failures(failures: Sequence[BlockFailure], total: int) -> None:

@@ -9,9 +9,11 @@ a leading channel axis.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,8 @@ import numpy as np
 import zarr
 import zarr.errors
 
-from unetflow.errors import InputFormatError, InputNotFoundError, OutputExistsError, ShapeError
+from unetflow import resume
+from unetflow.errors import ConfigError, InputFormatError, InputNotFoundError, OutputExistsError, OutputWriteError, ShapeError
 from unetflow.geometry import Box, Shape, mirror_indices
 
 log = logging.getLogger(__name__)
@@ -165,10 +168,226 @@ def absolute_input(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def check_output_free(path: str | os.PathLike[str], *, overwrite: bool) -> None:
-    """Refuse an existing output unless *overwrite*; never deletes anything itself."""
-    if os.path.exists(path) and not overwrite:
-        raise OutputExistsError(f"output {path} already exists; pass --overwrite to replace it or choose another path")
+# ---- what --overwrite may remove (issue 15) ------------------------------------------
+#
+# ``--overwrite`` removes an existing path only if unetflow wrote it, as the kind of
+# thing the command writes, or if it is an empty folder. How each kind is recognised:
+#
+#   segment  the run folder holds the run's identity (resume.is_unetflow_output) and
+#            the store's array (or its level 0) holds the run's ``unetflow.config``
+#   convert  the array's attributes (or those of level 0 of an OME-Zarr group) hold
+#            ``unetflow.converted_from``
+#   sample   ``raw`` and ``labels`` arrays whose attributes hold ``unetflow.sample``
+#   scratch  the instances scratch array: attributes hold ``unetflow.scratch_of``
+#
+# Checkpoints (model init, train) are recognised in unetflow.model.checkpoint.
+
+WRITERS = {
+    "segment": "outputs of unetflow segment",
+    "convert": "stores written by unetflow convert",
+    "sample": "samples written by unetflow sample",
+    "scratch": "instance scratch arrays of unetflow segment",
+}
+
+
+def _zarr_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``unetflow`` attributes in a Zarr v3 node's ``zarr.json`` ({} if none)."""
+    try:
+        meta = json.loads(Path(path, "zarr.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    own = attrs.get("unetflow") if isinstance(attrs, dict) else None
+    return own if isinstance(own, dict) else {}
+
+
+def written_by(path: str | os.PathLike[str]) -> str:
+    """What unetflow wrote at *path*: ``empty`` (an empty folder), a key of :data:`WRITERS`,
+    or ``""`` (nothing there, or something unetflow did not write)."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return ""
+    if not os.listdir(path):
+        return "empty"
+    own = _zarr_attrs(path)
+    if resume.is_unetflow_output(path) and any("config" in _zarr_attrs(p) for p in _level0_candidates(path)):
+        return "segment"
+    if "converted_from" in own or "converted_from" in _zarr_attrs(Path(path, "0")):
+        return "convert"
+    if "scratch_of" in own:
+        return "scratch"
+    if all("sample" in _zarr_attrs(Path(path, name)) for name in ("raw", "labels")):
+        return "sample"
+    return ""
+
+
+def _level0_candidates(path: str | os.PathLike[str]) -> list[Path]:
+    """Where a segment output's array (with the run's attributes) may be: the store
+    itself, or level 0 of an OME-Zarr image or label image inside it."""
+    root = Path(path)
+    return [root, root / "0", *sorted(root.glob("labels/*/0"))]
+
+
+def describe_found(path: str | os.PathLike[str]) -> str:
+    """What lies at an existing *path*, in a few words, for a refusal.
+
+    >>> describe_found("/")[:8]
+    'a folder'
+    """
+    if os.path.islink(path):
+        return f"a symbolic link to {os.readlink(path)}"
+    if not os.path.isdir(path):
+        return f"a file of {os.path.getsize(path)} bytes"
+    kind = written_by(path)
+    if kind in WRITERS:
+        return "one of the " + WRITERS[kind]
+    names = sorted(os.listdir(path))
+    if "zarr.json" in names or ".zarray" in names or ".zgroup" in names:
+        return "a Zarr store that unetflow did not write"
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return f"a folder of {len(names)} {'entry' if len(names) == 1 else 'entries'} ({shown}) that unetflow did not write"
+
+
+def check_output_free(path: str | os.PathLike[str], *, overwrite: bool, kinds: Sequence[str] = ("segment",), what: str = "output") -> None:
+    """Refuse an existing *path* unless *overwrite* and unetflow wrote it as one of
+    *kinds* (see :data:`WRITERS`), or it is an empty folder. Never deletes anything.
+
+    Raises
+    ------
+    OutputExistsError
+        *path* exists, and either *overwrite* is off or *path* is not removable.
+    """
+    if not os.path.lexists(path):
+        return
+    if not overwrite:
+        raise OutputExistsError(f"{what} {path} already exists; pass --overwrite to replace it or choose another path")
+    kind = written_by(path)
+    if kind == "empty" or kind in kinds:
+        return
+    allowed = " or ".join(WRITERS[k] for k in kinds)
+    raise OutputExistsError(
+        f"{what} {path} exists and is {describe_found(path)}; --overwrite removes only {allowed} or an empty folder, "
+        "never anything else: choose another path, or remove it yourself"
+    )
+
+
+def clear_output(path: str | os.PathLike[str], *, overwrite: bool, kinds: Sequence[str] = ("segment",), what: str = "output") -> None:
+    """Remove an existing *path* that :func:`check_output_free` allows to remove; refuse
+    anything else. (A segment output's run folder is cleared by the run that replaces it.)"""
+    check_output_free(path, overwrite=overwrite, kinds=kinds, what=what)
+    if not os.path.lexists(path):
+        return
+    log.info("removing existing %s %s (--overwrite)", what, path)
+    try:
+        shutil.rmtree(path)
+    except OSError as err:
+        raise OutputWriteError(f"{what} {path} cannot be removed ({_os_reason(err)}); make its location writable or choose another path") from None
+
+
+# ---- where paths live: the output may not overlap an input ---------------------------
+
+_H5_FILE = re.compile(r"^(.+?\.(?:h5|hdf5|hdf|he5)):", re.IGNORECASE)
+
+
+def location(path: str) -> str:
+    """Where *path* lives on disk (resolved, symlinks followed) or, for a URL, the URL
+    normalised: what two paths are compared by. ``file.h5:/dataset`` is the file, a glob
+    the folder it expands in, ``file://`` a local path.
+
+    >>> location("s3://Bucket/raw.zarr/")
+    's3://Bucket/raw.zarr'
+    """
+    path = str(path)
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    if "://" in path:
+        scheme, rest = path.split("://", 1)
+        return f"{scheme.lower()}://{rest.rstrip('/')}"
+    match = _H5_FILE.match(path)
+    if match:
+        path = match.group(1)
+    if any(ch in path for ch in "*?["):
+        path = os.path.dirname(re.split(r"[*?\[]", path, maxsplit=1)[0]) or "."
+    return os.path.realpath(path)
+
+
+def _inside(a: str, b: str) -> bool:
+    """Whether location *a* is *b* or lies inside it."""
+    return a == b or a.startswith(b.rstrip("/") + "/")
+
+
+def check_apart(output: str, others: Sequence[tuple[str, str | None]], *, what: str = "output") -> None:
+    """Refuse an *output* that is one of *others* (``[("input", path), ("model", path)]``),
+    lies inside one, or contains one: writing it (or ``--overwrite``) would destroy them.
+
+    Raises
+    ------
+    ConfigError
+    """
+    out = location(output)
+    for name, other in others:
+        if not other:
+            continue
+        where = location(other)
+        relation = "is" if out == where else "lies inside" if _inside(out, where) else "contains" if _inside(where, out) else ""
+        if relation:
+            raise ConfigError(
+                f"{what} {output} {relation} the {name} {other} ({out}); writing it would destroy the {name}: "
+                f"choose a path for the {what} outside {other}"
+            )
+
+
+# ---- can the output be written, and does it fit --------------------------------------
+
+
+def _existing_ancestor(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def check_writable(path: str, *, what: str = "output") -> None:
+    """Refuse an output whose location (the nearest existing folder) cannot be written.
+
+    Raises
+    ------
+    OutputWriteError
+    """
+    if "://" in path and not path.startswith("file://"):
+        return  # remote stores: found when the output is created
+    where = _existing_ancestor(path)
+    if not os.path.isdir(where):
+        raise OutputWriteError(f"{what} {path} cannot be created: {where} is a file, not a folder; choose another path")
+    if not os.access(where, os.W_OK | os.X_OK):
+        import errno
+
+        reason = "read-only file system" if _read_only(where) else "no write permission"
+        raise OutputWriteError(f"{what} {path} cannot be written: {where} has {reason} (errno {errno.EROFS if _read_only(where) else errno.EACCES}); choose a writable location")
+
+
+def _read_only(where: str) -> bool:
+    try:
+        return bool(os.statvfs(where).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def free_bytes(path: str) -> int | None:
+    """Free space where *path* is (or would be) created; ``None`` for URLs or unknown."""
+    if "://" in path and not path.startswith("file://"):
+        return None
+    try:
+        return int(shutil.disk_usage(_existing_ancestor(path)).free)
+    except OSError:
+        return None
+
+
+def _os_reason(err: OSError) -> str:
+    """``[Errno 28] No space left on device`` as one short phrase."""
+    return f"{err.strerror or type(err).__name__} (errno {err.errno})" if err.errno else f"{type(err).__name__}: {err}"
 
 
 def create_output(
@@ -182,25 +401,37 @@ def create_output(
     attributes: dict[str, Any] | None = None,
     overwrite: bool = False,
     compression_level: int = 3,
+    kinds: Sequence[str] = ("segment",),
 ) -> zarr.Array:
-    """Create the Zarr v3 output array (zstd-compressed, optionally sharded)."""
-    check_output_free(path, overwrite=overwrite)
-    if overwrite and os.path.exists(path):
-        log.info("removing existing output %s (--overwrite)", path)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return zarr.create_array(
-        store=str(path),
-        shape=tuple(int(s) for s in shape),
-        chunks=tuple(int(c) for c in chunks),
-        shards=tuple(int(s) for s in shards) if shards else None,
-        dtype=dtype,
-        compressors=zarr.codecs.ZstdCodec(level=compression_level),
-        dimension_names=tuple(dimension_names) if dimension_names else None,
-        attributes=attributes or {},
-        fill_value=0,
-        zarr_format=3,
-    )
+    """Create the Zarr v3 output array (zstd-compressed, optionally sharded).
+
+    An existing *path* is removed first only with *overwrite* and only if unetflow
+    wrote it as one of *kinds* (:func:`clear_output`).
+
+    Raises
+    ------
+    OutputExistsError
+        *path* exists and may not be removed.
+    OutputWriteError
+        The location cannot be written (read-only, full, permissions).
+    """
+    clear_output(path, overwrite=overwrite, kinds=kinds)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return zarr.create_array(
+            store=str(path),
+            shape=tuple(int(s) for s in shape),
+            chunks=tuple(int(c) for c in chunks),
+            shards=tuple(int(s) for s in shards) if shards else None,
+            dtype=dtype,
+            compressors=zarr.codecs.ZstdCodec(level=compression_level),
+            dimension_names=tuple(dimension_names) if dimension_names else None,
+            attributes=attributes or {},
+            fill_value=0,
+            zarr_format=3,
+        )
+    except OSError as err:
+        raise OutputWriteError(f"output {path} cannot be created ({_os_reason(err)}); free space or choose a writable location") from None
 
 
 def remove(path: str | os.PathLike[str]) -> None:

@@ -51,6 +51,7 @@ def dask_setup(worker: Any) -> None:
       (BENCHMARKS.md, issue 6). Objects created later are collected as usual.
     """
     tune_allocator()
+    quiet_compute_failed()
     import unetflow.infer  # noqa: F401  (torch, the model code, the block loop)
 
     gc.freeze()
@@ -98,3 +99,25 @@ def _tune() -> dict[str, bool]:
         except (OSError, AttributeError):  # not glibc
             threshold = False
     return {"huge_pages": huge, "mmap_threshold": threshold, "skipped": False}
+
+
+class _ComputeFailedFilter(logging.Filter):
+    """Drops distributed's "Compute Failed" records (a task's traceback, at ERROR)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Compute Failed")
+
+
+_FILTER = _ComputeFailedFilter()
+BATCH_JOB_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID", "_CONDOR_JOB_AD")
+
+
+def quiet_compute_failed() -> None:
+    """Keep block tracebacks off the console (issue 15): a block's failure is reported
+    by the driver in one line, and its traceback goes to ``report.json``. Batch jobs keep
+    the record: their output is the job log, not the console. Idempotent."""
+    if any(os.environ.get(v) for v in BATCH_JOB_VARIABLES):
+        return
+    logger = logging.getLogger("distributed.worker")
+    if _FILTER not in logger.filters:
+        logger.addFilter(_FILTER)

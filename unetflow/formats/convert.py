@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import zarr
 
-from unetflow.errors import OutputExistsError, ShapeError
+from unetflow.errors import OutputWriteError, ShapeError
 from unetflow.formats import omezarr
 from unetflow.geometry import grid_boxes
 
@@ -50,7 +49,14 @@ def convert(
     boxes = [box for _, box in grid_boxes(shape, unit)]
 
     def copy(box: Any) -> int:
-        out[box.to_slices()] = source[box.to_slices()]
+        data = source[box.to_slices()]
+        try:
+            out[box.to_slices()] = data
+        except OSError as err:  # disk full, read-only: one line naming the box and the cause
+            raise OutputWriteError(
+                f"output {output} box offset {list(box.offset)} shape {list(box.shape)} could not be written "
+                f"({err.strerror or err}, errno {err.errno}); free space or choose another location, then run again with --overwrite"
+            ) from None
         return 1
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -71,12 +77,13 @@ def n_units(shape: Sequence[int], chunks: Sequence[int] | None, shards: Sequence
 
 
 def _prepare(output: str, *, overwrite: bool, ome: bool) -> str:
+    """Make room for *output*: ``--overwrite`` removes only an earlier convert's store
+    (its ``unetflow.converted_from`` attribute says so) or an empty folder."""
+    from unetflow import store
+
     if ome:
-        return omezarr.prepare_output(output, kind="image", overwrite=overwrite)
-    if os.path.exists(output) and not overwrite:
-        raise OutputExistsError(f"output {output} already exists; pass --overwrite to replace it or choose another path")
-    if os.path.exists(output):
-        shutil.rmtree(output) if os.path.isdir(output) else os.remove(output)
+        return omezarr.prepare_output(output, kind="image", overwrite=overwrite, kinds=("convert",))
+    store.clear_output(output, overwrite=overwrite, kinds=("convert",))
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     return output
 

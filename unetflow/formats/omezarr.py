@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 import zarr
 
-from unetflow.errors import InputFormatError, OutputExistsError
+from unetflow.errors import InputFormatError
 from unetflow.formats import omeroot, remote
 from unetflow.formats.base import ImageArray
 
@@ -183,13 +182,14 @@ def prediction_path(path: str) -> str:
     return os.path.join(path, "labels", LABEL_NAME) if content == "input image" else path
 
 
-def prepare_output(path: str, *, kind: str, overwrite: bool) -> str:
-    """Create the OME-Zarr group(s) of *path*; return the level-0 array path to create and write."""
-    if os.path.exists(path) and not overwrite:
-        raise OutputExistsError(f"output {path} already exists; pass --overwrite to replace it or choose another path")
-    if os.path.exists(path):
-        log.info("removing existing output %s (--overwrite)", path)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+def prepare_output(path: str, *, kind: str, overwrite: bool, kinds: Sequence[str] = ("segment",)) -> str:
+    """Create the OME-Zarr group(s) of *path*; return the level-0 array path to create and write.
+
+    An existing *path* is removed only with *overwrite* and only if unetflow wrote it as
+    one of *kinds* (:func:`unetflow.store.clear_output`, issue 15)."""
+    from unetflow import store
+
+    store.clear_output(path, overwrite=overwrite, kinds=kinds)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     root = zarr.open_group(store=path, mode="w", zarr_format=3, attributes={"ome": {"version": NGFF_VERSION}})
     if kind in LABEL_KINDS:

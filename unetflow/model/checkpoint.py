@@ -36,7 +36,8 @@ FORMAT_VERSION = 1
 _RESAVE = "re-save it with `unetflow model init` or `unetflow train`"
 _PLAIN = (str, int, float, bool, type(None), torch.Tensor)
 # torch.load raises these for files that are not (safe) torch checkpoints
-_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError)
+# (OSError: a file cut short reaches torch's zip reader as "[Errno 22] Invalid argument")
+_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, OSError)
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ def _reason(err: BaseException) -> str:
     found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if found:
         return f"it holds a pickled {found.group(1)} object"
-    if isinstance(err, EOFError):
+    if isinstance(err, (EOFError, OSError)):
         return "the file is empty or cut short"
     if isinstance(err, KeyError) or "invalid load key" in text:
         return "not a torch file"
@@ -232,3 +233,35 @@ def _reason(err: BaseException) -> str:
 def _summary(spec: ModelSpec) -> str:
     """``2-D valid U-Net, depth 4, width 64, 1 -> 2 channels``"""
     return f"{spec.dims}-D {spec.padding} U-Net, depth {spec.depth}, width {spec.width}, {spec.in_channels} -> {spec.classes} channels"
+
+
+def check_replaceable(path: str | os.PathLike[str], *, overwrite: bool, what: str = "model file") -> None:
+    """Refuse to write over *path* unless it is absent, or *overwrite* and it is a
+    unetflow checkpoint (read safely: its ``format`` field is ``unetflow-checkpoint``).
+
+    The guard of ``model init --overwrite`` and ``train --overwrite`` (issue 15): a
+    folder, or a file that is not a checkpoint unetflow wrote, is never replaced.
+
+    Raises
+    ------
+    OutputExistsError
+    """
+    from unetflow.errors import OutputExistsError
+
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    if not overwrite:
+        raise OutputExistsError(f"{what} {path} already exists; pass --overwrite to replace it or choose another path")
+    if path.is_symlink() or not path.is_file():
+        found = f"a symbolic link to {os.readlink(path)}" if path.is_symlink() else "a folder"
+    else:
+        try:
+            _read_payload(path, "cpu")
+            return
+        except (CheckpointError, InputNotFoundError, OSError):
+            found = f"a file of {path.stat().st_size} bytes that is not a unetflow checkpoint"
+    raise OutputExistsError(
+        f"{what} {path} exists and is {found}; --overwrite replaces only unetflow checkpoints, never anything else: "
+        "choose another path, or remove it yourself"
+    )
