@@ -342,7 +342,7 @@ def _run_block(job: BlockJob, block: Block, predictor: Predictor, clock: Clock) 
     channel_axis = job.output.kind == "probabilities"
     dtype = written_dtype(job.output)
     slab = 0 if predictor.device.type == "cuda" else _cpu_slab(predictor.info.classes, block.write_box)
-    pending = max(MAX_PENDING_WRITES, _write_threads(job) + 1)  # slabs queued or being written
+    pending = max(MAX_PENDING_WRITES, _write_threads(job) + 1)  # converted slabs (or float32 sums) queued or being written
     as_is = predictor.device.type == "cpu" and job.output.kind == "probabilities" and job.output.dtype == "float32"
     objects = [0]
 
@@ -365,13 +365,8 @@ def _run_block(job: BlockJob, block: Block, predictor: Predictor, clock: Clock) 
         PlaneWindow.recycle(values)
         return out
 
-    def write(box: Box, values: torch.Tensor, ready: Any) -> None:
-        """Writer thread: (on a CPU, convert), wait for the download, compress and write."""
-        shape = (predictor.info.classes, *box.shape) if channel_axis else tuple(box.shape)
-        if moves.cuda or as_is:
-            host = values
-        else:  # on a CPU the writers convert, beside the block loop
-            host = convert(values, shape)
+    def write(box: Box, host: torch.Tensor, ready: Any) -> None:
+        """Writer thread: wait for the download, compress and write; the buffer goes back."""
         with clock.host("write"):
             moves.wait(ready)
             data = _host_values(host, job.output)
@@ -386,7 +381,7 @@ def _run_block(job: BlockJob, block: Block, predictor: Predictor, clock: Clock) 
             part = Box((z, *box.offset[1:]), (values.shape[1], *box.shape[1:]))
             z += values.shape[1]
             ready = None
-            if moves.cuda:  # converted on the device, then only the written bytes cross
+            if not as_is:  # converted here (its slab comes back at once), then only the written bytes cross
                 out = convert(values, (predictor.info.classes, *part.shape) if channel_axis else tuple(part.shape))
                 values, ready = moves.download(out, clock)
             with clock.host("wait_write"):
@@ -428,15 +423,25 @@ class Transfers:
         self.up = torch.cuda.Stream(device) if self.cuda else None
         self.down = torch.cuda.Stream(device) if self.cuda else None
 
-    def upload(self, raw: np.ndarray, norm: NormSpec, stats: tuple[tuple[float, float], ...], *, slab: int = 0) -> tuple[torch.Tensor, Any]:
-        data = _uploadable(raw)
-        uint16 = data.dtype == np.uint16 and self.cuda
-        host = torch.from_numpy(data.view(np.int16) if uint16 else data)
+    def upload(self, parts: list[np.ndarray], norm: NormSpec, stats: tuple[tuple[float, float], ...], *,
+               slab: int = 0) -> tuple[torch.Tensor, Any]:
+        """Raw *parts* (consecutive along axis 1 of one row) -> the normalised row on the device."""
+        parts = [_uploadable(p) for p in parts]
+        shape = (parts[0].shape[0], sum(p.shape[1] for p in parts), *parts[0].shape[2:])
         if not self.cuda:
-            row = _HOST_BUFFERS.take(tuple(host.shape), torch.float32)
-            return normalise_tensor(host, norm, stats, slab=slab, out=row), None
+            row = _HOST_BUFFERS.take(shape, torch.float32)
+            z = 0
+            for p in parts:
+                normalise_tensor(torch.from_numpy(p), norm, stats, slab=slab, out=row[:, z : z + p.shape[1]])
+                z += p.shape[1]
+            return row, None
+        uint16 = parts[0].dtype == np.uint16
         with torch.cuda.stream(self.up):
-            x = host.pin_memory().to(self.device, non_blocking=True)
+            x = torch.empty(shape, dtype=torch.int16 if uint16 else torch.from_numpy(parts[0][:0]).dtype, device=self.device)
+            z = 0
+            for p in parts:
+                x[:, z : z + p.shape[1]].copy_(torch.from_numpy(p.view(np.int16) if uint16 else p).pin_memory(), non_blocking=True)
+                z += p.shape[1]
             image = normalise_tensor(x, norm, stats, uint16_bits=uint16)
             return image, self.up.record_event()
 
@@ -524,9 +529,11 @@ class RowReader:
         raw = store.read_box(self.array, box, layout=j.layout, mode=j.mirror, name=j.input_path)
         return finite.finite_block(raw, nan_value=j.nan_value, name=j.input_path, box=box)  # issue 15: before normalising
 
-    def __call__(self, box: Box) -> np.ndarray:
+    def __call__(self, box: Box) -> list[np.ndarray]:
+        """The raw input of *box*, as consecutive parts along axis 0 (views of the kept
+        chunks: not joined, so no row-sized copy is made on the host)."""
         if not self.depth:
-            return self._read(box)
+            return [self._read(box)]
         d, z0, z1 = self.depth, box.offset[0], box.stop[0]
         first, last = z0 // d, (z1 - 1) // d
         for k in [k for k in self._slabs if k < first]:
@@ -538,7 +545,7 @@ class RowReader:
                 self._slabs[k] = self._read(Box((a, *box.offset[1:]), (b - a, *box.shape[1:])))
             a = max(k * d, self.lo)
             parts.append(self._slabs[k][:, max(z0, a) - a : min(z1, (k + 1) * d) - a])
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        return parts
 
 
 _HOST_BUFFERS = HostBuffers()

@@ -144,11 +144,14 @@ def is_unetflow_output(output: str | os.PathLike[str]) -> bool:
     the run's identity (``run.json`` with a fingerprint). The one test of ownership that
     ``--overwrite`` relies on (:func:`unetflow.store.written_by`); it finds the run folder
     through :class:`RunDir` only, wherever that puts it."""
-    try:
-        data = read_json(RunDir(str(output)).run_file)
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "fingerprint" in data and "identity" in data
+    for run_file in (RunDir(str(output)).run_file, Path(output) / RUN_DIR / "run.json"):  # the latter: unetflow 0.1's, inside the store
+        try:
+            data = read_json(run_file)
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and "fingerprint" in data and "identity" in data:
+            return True
+    return False
 
 
 # ---- fingerprint: "same settings and model" -----------------------------------------
