@@ -217,3 +217,12 @@ def test_jobqueue_import_writes_nothing_to_home(tmp_path):
     env.pop("DASK_CONFIG")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok" and list(tmp_path.iterdir()) == []
+
+
+def test_an_output_of_unetflow_0_1_is_still_unetflows(tmp_path):
+    """0.1 kept its run folder inside the store; --overwrite may still replace such an output."""
+    out = tmp_path / "old.zarr"
+    (out / ".unetflow").mkdir(parents=True)
+    (out / ".unetflow" / "run.json").write_text(json.dumps({"fingerprint": "abc", "identity": {}}))
+    assert resume.is_unetflow_output(str(out))
+    assert not resume.is_unetflow_output(str(tmp_path / "other.zarr"))
