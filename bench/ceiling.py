@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import child  # noqa: E402
 from bench.run import machine, make_input, versions  # noqa: E402
 
 PATCH = 64
@@ -103,11 +102,7 @@ def ceiling(input_path: str, output_path: str, dtype: str, device: str, amp: boo
 
 
 def run_child(kind: str, **kwargs: Any) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__, "_one", kind, json.dumps(kwargs)], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"{kind} {kwargs} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return child.run_child(__file__, kind, json.dumps(kwargs))
 
 
 def measure(work: Path, shape: tuple[int, ...], dtypes: list[str], *, device: str, repeat: int,
@@ -200,14 +195,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.out}")
 
 
-def _one(kind: str, spec: str) -> None:
+def _one(kind: str, spec: str) -> dict[str, Any]:
     kwargs = json.loads(spec)
-    result = io_floor(**kwargs) if kind == "floor" else ceiling(**kwargs)
-    print(json.dumps(result, default=str))
+    return io_floor(**kwargs) if kind == "floor" else ceiling(**kwargs)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "_one":
-        _one(sys.argv[2], sys.argv[3])
-    else:
-        main()
+    child.main_or_child(main, _one)

@@ -26,6 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import child  # noqa: E402
 from bench.methods import METHODS, Case  # noqa: E402
 
 
@@ -95,16 +96,13 @@ def run_one(method: str, case: Case, *, gpu: bool, malloc: bool = False) -> dict
     from unetflow.schedule import WORKER_MALLOC_TUNABLES
 
     spec = json.dumps(dataclasses.asdict(case))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = child.child_env()
     env.pop("GLIBC_TUNABLES", None)
     if malloc:
         env["GLIBC_TUNABLES"] = WORKER_MALLOC_TUNABLES
     load = os.getloadavg()[0]
     with GpuSampler(gpu) as sampler:
-        proc = subprocess.run([sys.executable, __file__, "_one", method, spec], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"{method} failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result = child.run_child(__file__, method, spec, env)
     result["gpu_util"] = sampler.mean
     result["load_before"] = load
     result["malloc"] = malloc
@@ -322,14 +320,9 @@ def write_report(path: Path, compare: dict[str, Any], growth: list[Any], *, gpu:
     )
 
 
-def _one(method: str, spec: str) -> None:
-    case = Case(**json.loads(spec))
-    result = METHODS[method](case)
-    print(json.dumps(result, default=str))
+def _one(method: str, spec: str) -> dict[str, Any]:
+    return METHODS[method](Case(**json.loads(spec)))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "_one":
-        _one(sys.argv[2], sys.argv[3])
-    else:
-        main()
+    child.main_or_child(main, _one)
