@@ -127,42 +127,45 @@ class NormalisedWindows:
         return out
 
 
-class SlabPool:
-    """Zeroed storage slabs for :class:`PlaneWindow`, reused across flushes and blocks.
+class TensorPool:
+    """Tensors kept for reuse, a few per shape and dtype, across flushes and blocks.
 
-    On a CPU a fresh slab costs its page faults again (a 512x512 plane of two channels
-    is 2 MiB); a few free slabs per shape are kept. On a GPU torch's caching allocator
-    already reuses memory, so slabs are simply allocated. Thread-safe: writer threads
-    hand slabs back once written.
+    On a CPU a fresh buffer costs its page faults again (a 512x512 plane of two
+    channels is 2 MiB), so up to *keep* free ones per kind (shape, dtype) are kept, for
+    the *kinds* most recent kinds. On a GPU torch's caching allocator already reuses
+    memory, so :meth:`take` simply allocates and :meth:`give` drops. Thread-safe:
+    writer threads hand buffers back once written.
     """
 
-    def __init__(self, keep: int = 8) -> None:
-        self.keep = keep
-        self._free: dict[tuple[tuple[int, ...], str], list[torch.Tensor]] = {}
+    def __init__(self, keep: int, kinds: int = 4) -> None:
+        self.keep, self.kinds = keep, kinds
+        self._free: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
         self._lock = threading.Lock()
 
-    def take(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", *,
+             zero: bool = False) -> torch.Tensor:
+        device = torch.device(device)
         if device.type == "cpu":
             with self._lock:
-                free = self._free.get((shape, str(device)))
-                slab = free.pop() if free else None
-            if slab is not None:
-                return slab.zero_()
-        return torch.zeros(shape, dtype=torch.float32, device=device)
+                free = self._free.get((tuple(shape), dtype))
+                t = free.pop() if free else None
+            if t is not None:
+                return t.zero_() if zero else t
+        return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
 
-    def give(self, slab: torch.Tensor) -> None:
-        if slab.device.type != "cpu":
+    def give(self, t: torch.Tensor) -> None:
+        if t.device.type != "cpu":
             return
-        key = (tuple(slab.shape), str(slab.device))
         with self._lock:
-            free = self._free.setdefault(key, [])
+            free = self._free.setdefault((tuple(t.shape), t.dtype), [])
             if len(free) < self.keep:
-                free.append(slab)
-            while len(self._free) > 3:  # other block shapes came and went: keep the latest kinds only
+                free.append(t)
+            while len(self._free) > self.kinds:  # other block shapes came and went: keep the latest kinds only
                 del self._free[next(iter(self._free))]
 
 
-SLABS = SlabPool()
+SLABS = TensorPool(keep=8, kinds=3)  # the float32 sums of PlaneWindow
+
 
 
 class PlaneWindow:
@@ -224,7 +227,7 @@ class PlaneWindow:
         while self.start + len(self._slabs) * self.unit < self.stop:
             z = self.start + len(self._slabs) * self.unit
             shape = (self.channels, min(self.unit, end - z), *self.write_box.shape[1:])
-            self._slabs.append(SLABS.take(shape, self.device))
+            self._slabs.append(SLABS.take(shape, torch.float32, self.device, zero=True))
 
     def add(self, prediction: torch.Tensor, tile_box: Box) -> None:
         """Add *prediction* (tensor (K, *tile_box.shape) on the device) of the global grid's

@@ -37,10 +37,10 @@ import numpy as np
 import torch
 
 from unetflow import finite, store
-from unetflow.blend import PlaneWindow
+from unetflow.blend import PlaneWindow, TensorPool
 from unetflow.config import NormSpec
 from unetflow.geometry import Box
-from unetflow.label import BORDER_CLASS, INTERIOR, INTERIOR_THRESHOLD, local_components
+from unetflow.label import INTERIOR_THRESHOLD, instance_classes, local_components
 from unetflow.model.predictor import (
     Predictor,
     auto_batch_size,
@@ -152,7 +152,7 @@ _UPLOAD_DTYPES = {np.dtype(t) for t in ("bool", "uint8", "int8", "int16", "uint1
 
 def normalise_tensor(raw: torch.Tensor, norm: NormSpec, stats: tuple[tuple[float, float], ...], *, slab: int = 0,
                      uint16_bits: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-    """A raw row (C, ...) on its device, in its own dtype -> float32 as the model was trained to see it.
+    """A raw row (C, Z, ...) on its device, in its own dtype -> float32 as the model was trained to see it.
 
     ``stats`` holds per channel (low, high) percentiles or (mean, std). *slab*: planes
     per step along axis 1 (0: all at once; a few keep a CPU's work in its cache).
@@ -163,16 +163,14 @@ def normalise_tensor(raw: torch.Tensor, norm: NormSpec, stats: tuple[tuple[float
         raw = raw.to(torch.int32).bitwise_and_(0xFFFF)
     if out is None:
         out = torch.empty(raw.shape, dtype=torch.float32, device=raw.device)
-    n = raw.shape[1] if raw.dim() > 1 else 1
-    step = n if slab <= 0 or raw.dim() < 2 else slab
+    step = slab if slab > 0 else raw.shape[1]
     for c in range(raw.shape[0]):
-        for z in range(0, n, step):
-            part = out[c, z : z + step] if raw.dim() > 1 else out[c]
-            part.copy_(raw[c, z : z + step] if raw.dim() > 1 else raw[c])
-            if norm.kind == "none":
-                continue
-            a, b = stats[c]
-            part.sub_(a).div_(max(b - a, 1e-6) if norm.kind == "percentile" else max(b, 1e-6))
+        for z in range(0, raw.shape[1], step):
+            part = out[c, z : z + step]
+            part.copy_(raw[c, z : z + step])
+            if norm.kind != "none":
+                a, b = stats[c]
+                part.sub_(a).div_(max(b - a, 1e-6) if norm.kind == "percentile" else max(b, 1e-6))
     return out
 
 
@@ -197,8 +195,7 @@ def norm_stats(samples: np.ndarray, norm: NormSpec) -> tuple[tuple[float, float]
     return tuple((float(m), float(d)) for m, d in zip(s.mean(axis=1), s.std(axis=1)))
 
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8, "uint16": torch.uint16,
-                 "uint32": torch.uint32, "uint64": torch.uint64}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
 
 
 def written_dtype(output: OutputSpec) -> torch.dtype:
@@ -217,9 +214,7 @@ def convert_values(values: torch.Tensor, output: OutputSpec, out: torch.Tensor |
     the argmax; ``instances``: the class map of :func:`unetflow.label.instance_classes`.
     """
     if output.kind == "instances":
-        classes = values.argmax(dim=0).to(torch.uint8)
-        classes[(classes == INTERIOR) & (values[INTERIOR] < output.interior_threshold)] = BORDER_CLASS
-        result = classes
+        result = instance_classes(values, output.interior_threshold)
     elif output.kind == "labels":
         result = values.argmax(dim=0)
     elif output.dtype == "uint8":
@@ -318,7 +313,7 @@ def run_block(job: BlockJob, block_id: int) -> BlockResult:
         with torch.inference_mode():
             objects = _run_block(job, block, predictor, clock)
     except torch.cuda.OutOfMemoryError:
-        raise out_of_memory(predictor.device, (auto_batch_size(predictor, job.plan.tiling.patch, job.batch_size), 0, *job.plan.tiling.patch)) from None
+        raise out_of_memory(predictor.device, auto_batch_size(predictor, job.plan.tiling.patch, job.batch_size), job.plan.tiling.patch) from None
     wall = time.perf_counter() - t0
     stages = clock.totals()
     log.debug("block %d write %s read %s patches %d on %s: %.3fs, %s", block_id, block.write_box, block.read_box, block.n_patches,
@@ -483,31 +478,6 @@ class Transfers:
             ready.synchronize()
 
 
-class HostBuffers:
-    """Host tensors kept for reuse, a few per shape and dtype (thread-safe)."""
-
-    def __init__(self, keep: int = MAX_PENDING_WRITES + 1) -> None:
-        self.keep = keep
-        self._free: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = collections.defaultdict(list)
-        self._lock = threading.Lock()
-
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        with self._lock:
-            free = self._free.get((tuple(shape), dtype))
-            if free:
-                return free.pop()
-        return torch.empty(shape, dtype=dtype)
-
-    def give(self, t: torch.Tensor) -> None:
-        with self._lock:
-            free = self._free[(tuple(t.shape), t.dtype)]
-            if len(free) < self.keep:
-                free.append(t)
-            if len(self._free) > 4:  # other block shapes came and went: keep the latest kinds only
-                for key in list(self._free)[: len(self._free) - 4]:
-                    del self._free[key]
-
-
 class RowReader:
     """A block's rows of input (each a patch deep along axis 0), read in whole input
     chunks along axis 0 and kept while later rows need them: consecutive rows overlap,
@@ -548,7 +518,7 @@ class RowReader:
         return parts
 
 
-_HOST_BUFFERS = HostBuffers()
+_HOST_BUFFERS = TensorPool(keep=MAX_PENDING_WRITES + 1)  # rows and converted planes (CPU)
 
 
 def peak_rss() -> int:

@@ -47,13 +47,15 @@ def instance_classes(probabilities: np.ndarray, interior_threshold: float = INTE
     The argmax, with ``interior`` voxels below *interior_threshold* demoted to
     ``border`` (still foreground: they are grown into, not seeded from). A threshold
     of 0 (or anything up to 1/3) is the plain argmax. One-hot input gives its classes back.
+    Works on numpy arrays (uint8 out) and on torch tensors (the engine, on the device).
 
     >>> instance_classes(np.array([[0.1, 0.1, 0.8], [0.6, 0.8, 0.1], [0.3, 0.1, 0.1]])).tolist()
     [2, 1, 0]
     """
-    classes = probabilities.argmax(axis=0).astype(np.uint8)
+    classes = probabilities.argmax(0)
     classes[(classes == INTERIOR) & (probabilities[INTERIOR] < interior_threshold)] = BORDER_CLASS
-    return classes
+    # a numpy array here; the block engine passes a torch tensor on its device and casts it itself
+    return classes.astype(np.uint8) if isinstance(classes, np.ndarray) else classes
 
 
 def local_components(classes: np.ndarray) -> tuple[np.ndarray, int]:

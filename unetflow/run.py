@@ -22,7 +22,7 @@ import unetflow
 from unetflow import finite, preflight, resume, schedule, store, telemetry
 from unetflow.config import RunConfig, parse_shape, to_dict
 from unetflow.errors import BlockFailedError, ConfigError, InputFormatError, OutputExistsError, OutputWriteError, ShapeError, UnetflowError
-from unetflow.infer import BlockJob, BlockResult, OutputSpec, cancel_blocks, norm_stats, run_block
+from unetflow.infer import WRITE_THREADS, BlockJob, BlockResult, OutputSpec, cancel_blocks, norm_stats, run_block
 from unetflow.model.predictor import CheckpointSource, NetInfo, net_info
 from unetflow.plan import Plan, make_tiling
 from unetflow.worker import tune_allocator
@@ -243,8 +243,6 @@ def estimate_memory(p: Prepared) -> int:
     slabs); the slabs queued for or being written (write threads + 1) and their
     converted copies; one batch and its activations.
     """
-    from unetflow.infer import WRITE_THREADS
-
     t = p.plan.tiling
     read_shape = p.plan.max_read_shape()
     read_plane = math.prod(read_shape[1:]) * p.layout.channels

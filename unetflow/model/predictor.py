@@ -159,7 +159,7 @@ class Predictor:
                     y = torch.sigmoid(y)
             return y
         except torch.cuda.OutOfMemoryError:
-            raise out_of_memory(self.device, batch.shape) from None
+            raise out_of_memory(self.device, batch.shape[0], tuple(batch.shape[2:])) from None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """*batch*: ndarray float32 of shape (B, C, *patch) -> (B, K, *out) float32 ndarray.
@@ -201,9 +201,9 @@ class Predictor:
         return self.amp_check
 
 
-def out_of_memory(device: torch.device, shape: Any) -> ConfigError:
+def out_of_memory(device: torch.device, batch: int, patch: tuple[int, ...]) -> ConfigError:
     return ConfigError(
-        f"out of GPU memory on {device} for a batch of {shape[0]} patches of shape {tuple(shape[2:])}; "
+        f"out of GPU memory on {device} for a batch of {batch} patches of shape {tuple(patch)}; "
         "pass a smaller --batch-size (or --batch-size 0 to size it from free memory) or a smaller --patch-shape"
     )
 
