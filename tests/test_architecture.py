@@ -22,6 +22,29 @@ ROOMS = {
 }
 LEAVES = ("geometry", "config", "errors")
 
+# The direction data flows (DESIGN.md): cli -> run -> its rooms -> schedule -> infer ->
+# (label, model, blend, plan) -> formats -> store -> leaves. A module may import modules of
+# its own room (package) and of rooms further down this list, never one further up.
+FLOW = (
+    ("cli",),
+    ("demo",),
+    ("run",),
+    ("resolve", "output", "report", "instances", "preflight"),
+    ("train",),
+    ("evaluate",),
+    ("schedule",),
+    ("worker",),
+    ("tuning",),
+    ("infer",),
+    ("label", "telemetry", "finite", "sample"),
+    ("model", "blend", "plan"),
+    ("formats",),
+    ("store",),
+    ("resume",),
+    ("geometry", "config", "__init__"),
+    ("errors",),
+)
+
 
 def modules():
     for path in sorted(PKG.rglob("*.py")):
@@ -55,10 +78,51 @@ def test_leaves_import_only_errors(leaf):
             assert mod == "unetflow.errors", f"leaf {leaf} imports {mod}"
 
 
+def rank(name):
+    """The position in FLOW of module *name* (``model.unet`` is in room ``model``)."""
+    room = name.split(".")[0]
+    for i, rooms in enumerate(FLOW):
+        if room in rooms:
+            return i
+    raise AssertionError(f"unetflow.{name} is in no room of FLOW (tests/test_architecture.py): add its room where data reaches it")
+
+
+def unetflow_imports(path):
+    """The unetflow modules *path* imports, anywhere in it (lazy imports included)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.split(".")[0] == "unetflow":
+            if node.module == "unetflow":
+                yield from (a.name for a in node.names)
+            else:
+                yield node.module.split(".", 1)[1]
+        elif isinstance(node, ast.Import):
+            yield from (a.name.split(".", 1)[1] for a in node.names if a.name.startswith("unetflow."))
+
+
+@pytest.mark.parametrize("name, path", list(modules()))
+def test_data_flows_one_way(name, path):
+    for mod in unetflow_imports(path):
+        if mod == "__version__" or mod.split(".")[0] == name.split(".")[0]:
+            continue
+        assert rank(mod) > rank(name), (
+            f"unetflow.{name} imports unetflow.{mod}, a room further up the flow (FLOW in tests/test_architecture.py); "
+            "pass what it needs down instead"
+        )
+
+
+def test_cli_commands_register_without_importing_back():
+    for path in sorted((PKG / "cli").glob("*.py")):
+        if path.stem in ("__init__", "__main__"):
+            continue
+        for mod in unetflow_imports(path):
+            assert mod != "cli", f"unetflow/cli/{path.name} imports the cli package; import unetflow.cli.common instead"
+
+
 def test_cli_imports_lazily():
     heavy = {"torch", "zarr", "dask", "distributed", "numpy", "tifffile"}
-    for mod in imports(PKG / "cli.py", top_level_only=True):
-        assert mod.split(".")[0] not in heavy, f"cli imports {mod} at module level"
+    for path in sorted((PKG / "cli").glob("*.py")):
+        for mod in imports(path, top_level_only=True):
+            assert mod.split(".")[0] not in heavy, f"cli/{path.name} imports {mod} at module level"
     code = "import sys, unetflow.cli; print(sorted(m for m in ('torch', 'zarr', 'distributed') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unetflow import finite, store
+from unetflow import finite, formats, store
 from unetflow.blend import PlaneWindow, TensorPool
 from unetflow.config import NormSpec
 from unetflow.geometry import Box
@@ -136,7 +136,7 @@ class BlockResult:
 
 @lru_cache(maxsize=8)
 def _open_input(path: str, level: int | None = None) -> Any:
-    return store.open_input(path, level=level)
+    return formats.open_input(path, level=level)
 
 
 @lru_cache(maxsize=8)

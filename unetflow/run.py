@@ -19,13 +19,12 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 import unetflow
-from unetflow import finite, preflight, resume, schedule, store, telemetry
-from unetflow.config import RunConfig, parse_shape, to_dict
+from unetflow import finite, formats, preflight, resume, schedule, store, telemetry, tuning
+from unetflow.config import RunConfig, fit_shape, to_dict
 from unetflow.errors import BlockFailedError, ConfigError, InputFormatError, OutputExistsError, OutputWriteError, ShapeError, UnetflowError
 from unetflow.infer import WRITE_THREADS, BlockJob, BlockResult, OutputSpec, cancel_blocks, norm_stats, run_block
-from unetflow.model.predictor import CheckpointSource, NetInfo, net_info
+from unetflow.model.predictor import CheckpointSource, NetInfo, net_info, torch_threads_kept
 from unetflow.plan import Plan, make_tiling
-from unetflow.worker import tune_allocator
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ def prepare(config: RunConfig, *, source: Any = None) -> Prepared:
     info = net_info(net)
     spec = net.spec.to_dict() if hasattr(net, "spec") else None
     norm = net.spec.norm if hasattr(net, "spec") else getattr(net, "norm", None) or _no_norm()
-    array = store.open_input(config.input, level=config.level)
+    array = formats.open_input(config.input, level=config.level)
     layout = store.layout_for(array, info.dims, name=config.input)
     check_image(array, layout, name=config.input)
     if layout.channels != info.in_channels:
@@ -107,8 +106,8 @@ def prepare(config: RunConfig, *, source: Any = None) -> Prepared:
         )
     t = config.tiling
     dims = info.dims
-    patch = parse_shape(t.patch_shape, what="patch shape", ndim=dims) if t.patch_shape else default_patch(info, layout)
-    block = parse_shape(t.block_shape, what="block shape", ndim=dims) if t.block_shape else default_block(config, layout.spatial_shape)
+    patch = fit_shape(t.patch_shape, dims, what="patch shape") if t.patch_shape else default_patch(info, layout)
+    block = fit_shape(t.block_shape, dims, what="block shape") if t.block_shape else default_block(config, layout.spatial_shape)
     chunks, shards = output_chunks(config, block)
     tiling = make_tiling(info.geometry, patch, blend=t.blend, overlap=t.overlap, halo=t.halo, allow_small_halo=t.allow_small_halo)
     plan = Plan(layout.spatial_shape, block, tiling)
@@ -163,7 +162,7 @@ def default_block(config: RunConfig, shape: Sequence[int]) -> tuple[int, ...]:
     base = DEFAULT_BLOCK[dims]
     o = config.output_settings
     given = o.shard_shape or o.chunk_shape
-    unit = parse_shape(given, what="chunk shape", ndim=dims)[0] if given else DEFAULT_CHUNK[dims]
+    unit = fit_shape(given, dims, what="chunk shape")[0] if given else DEFAULT_CHUNK[dims]
     workers = 1 if config.cluster.kind == "inline" else schedule.expected_workers(config.cluster)
     across = math.prod(-(-n // b) for n, b in zip(shape[1:], base[1:]))
     parts = max(1, -(-shape[0] // (MAX_DEPTH_FACTOR * base[0])), -(-workers // across))
@@ -197,10 +196,10 @@ def output_chunks(config: RunConfig, block: Sequence[int]) -> tuple[tuple[int, .
     o = config.output_settings
     dims = len(block)
     if o.chunk_shape:
-        chunks = parse_shape(o.chunk_shape, what="chunk shape", ndim=dims)
+        chunks = fit_shape(o.chunk_shape, dims, what="chunk shape")
     else:
         chunks = tuple(DEFAULT_CHUNK[dims] if b % DEFAULT_CHUNK[dims] == 0 else b for b in block)
-    shards = parse_shape(o.shard_shape, what="shard shape", ndim=dims) if o.shard_shape else None
+    shards = fit_shape(o.shard_shape, dims, what="shard shape") if o.shard_shape else None
     unit, name = (shards, "shard") if shards else (chunks, "chunk")
     if shards and any(s % c for s, c in zip(shards, chunks)):
         raise ShapeError(f"shard shape {shards} is not a multiple of chunk shape {chunks}; pass --shard-shape as whole chunks")
@@ -333,8 +332,8 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True, dis
         Bad input or settings (before anything is written), a locked output, or failed
         blocks (after the others finished and the report was written).
     """
-    if not config.dry_run and schedule.computes_here(config.cluster):
-        tune_allocator()  # before this process first allocates for torch (loading the model)
+    if config.tuning and not config.dry_run and schedule.computes_here(config.cluster):
+        tuning.tune_allocator()  # before this process first allocates for torch (loading the model)
     p = prepare(config, source=source)
     report = RunReport(summary=p.summary())
     if config.dry_run:
@@ -347,7 +346,8 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True, dis
         )
     run_dir = resume.RunDir(config.output)
     own = dispatch is None
-    with schedule.Dispatcher(config.cluster, log_directory=str(run_dir.log_dir)) if own else contextlib.nullcontext(dispatch) as d:
+    with (schedule.Dispatcher(config.cluster, log_directory=str(run_dir.log_dir), tuned=config.tuning) if own else contextlib.nullcontext(dispatch) as d,
+          torch_threads_kept()):
         if schedule.starts_early(config):
             d.start()  # the cluster starts while the input statistics are sampled (a no-op when started already)
         failures, block_ids = _segment(p, report, run_dir, d, progress=progress, close=own)
@@ -361,7 +361,7 @@ def _segment(p: Prepared, report: RunReport, run_dir: resume.RunDir, dispatch: s
     """:func:`segment` from the input statistics on: claim the output, run the blocks, report.
     The cluster stops before the lock goes: always when *close*, else after a failure."""
     config = p.config
-    array = store.open_input(config.input, level=config.level)
+    array = formats.open_input(config.input, level=config.level)
     stats = input_stats(store.sample_voxels(array, layout=p.layout), p.norm, nan_value=config.nan_value, name=config.input)
     ident = run_identity(p, stats)
     with _storage_errors(config.output), claim_output(p, stats, ident, run_dir) as lock:
