@@ -51,7 +51,7 @@ def set_threads(case: Case) -> None:
 
 
 def peak_rss() -> int:
-    from unetflow.infer import peak_rss as vm_hwm
+    from unetflow.memory import peak_rss as vm_hwm
 
     return vm_hwm()
 

@@ -29,7 +29,10 @@ FLOW = (
     ("cli",),
     ("demo",),
     ("run",),
-    ("resolve", "output", "report", "instances", "preflight"),
+    ("report", "instances"),
+    ("output",),
+    ("resolve",),
+    ("preflight",),
     ("train",),
     ("evaluate",),
     ("schedule",),
@@ -42,7 +45,7 @@ FLOW = (
     ("store",),
     ("resume",),
     ("geometry", "config", "__init__"),
-    ("errors",),
+    ("memory", "errors"),
 )
 
 
@@ -146,3 +149,28 @@ def test_ruff_clean():
     done = subprocess.run([sys.executable, "-m", "ruff", "check", "unetflow", "tests", "bench", "pipelines"], cwd=root,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+
+
+MAX_FUNCTION_LINES = 40
+
+
+def code_lines(node, lines):
+    """Lines of code in a function's body: no docstring, blank lines or comments."""
+    body = node.body
+    start = body[0].lineno
+    if isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
+        start = body[0].end_lineno + 1
+    return [line for line in lines[start - 1:node.end_lineno] if line.strip() and not line.strip().startswith("#")]
+
+
+@pytest.mark.parametrize("name, path", list(modules()))
+def test_functions_are_short_or_say_why(name, path):
+    """No function over ~40 lines of code unless its first line states why (``# long: ...``)."""
+    text = path.read_text()
+    lines = text.splitlines()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and len(code_lines(node, lines)) > MAX_FUNCTION_LINES:
+            assert "# long:" in lines[node.lineno - 1], (
+                f"unetflow.{name}.{node.name} (line {node.lineno}) has {len(code_lines(node, lines))} lines of code; "
+                f"split it, or state the reason on its def line with '# long: ...'"
+            )

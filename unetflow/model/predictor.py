@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from unetflow.errors import ConfigError
+from unetflow.model.geometry import activation_bytes
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,5 @@ def auto_batch_size(predictor: Predictor, patch: tuple[int, ...], requested: int
     spec = getattr(predictor.net, "spec", None)
     width = getattr(spec, "width", 32)
     depth = getattr(spec, "depth", 4)
-    voxels = math.prod(patch)
-    per_patch = sum(6 * width * 2**lvl * voxels // 2 ** (len(patch) * lvl) for lvl in range(depth + 1))
-    per_patch *= 2 if predictor.amp else 4
+    per_patch = activation_bytes(width, depth, patch, itemsize=2 if predictor.amp else 4)
     return int(max(1, min(64, free // 2 // max(per_patch, 1))))
