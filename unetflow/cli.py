@@ -65,7 +65,8 @@ def _shape(value: str | None, what: str) -> tuple[int, ...] | None:
 @main.command()
 @click.argument("input_path", metavar="INPUT")
 @click.argument("output_path", metavar="OUTPUT")
-@click.option("--model", "model", required=True, type=click.Path(dir_okay=False), help="A unetflow checkpoint (.pt): `unetflow model init` or `unetflow train` makes one.")
+@click.option("--model", "model", required=True, type=click.Path(), help="A unetflow checkpoint (.pt: `unetflow model init` or `unetflow train` makes one), or a bioimage.io model package (.zip, rdf.yaml or its folder).")
+@click.option("--trust-model-code", is_flag=True, help="Let a bioimage.io package run Python code it carries (an architecture file). Without it such packages are refused; torchscript and unetflow architectures need no code.")
 @click.option("--workers", type=int, default=1, show_default=True, help="CPU workers. Each holds one block and one model (more workers: more memory) and uses cores/N of the CPU. One worker runs as threads of this process; several get a process each (see --processes). 0 runs blocks in this process without Dask (debugging).")
 @click.option("--gpus", type=int, default=0, show_default=True, help="One worker process per GPU, each pinned with CUDA_VISIBLE_DEVICES. Overrides --workers.")
 @click.option("--processes/--threads", "processes", default=None, help="CPU workers as processes of their own, or as threads of this process [default: threads for one worker, processes for several]. A process costs a second start of torch (~2 s) and its memory, and buys a nanny that restarts a worker past its memory limit, and glibc settings at start.")
@@ -108,7 +109,8 @@ def segment(input_path: str, output_path: str, model: str, workers: int, gpus: i
             write_threads: int, nan_value: float | None, overwrite: bool,
             dry_run: bool, device: str, amp: bool | None, progress: bool, ome: bool, image: str, level: int | None, verbose: int,
             config_file: str | None = None, resume: bool = False, part: str | None = None,
-            skip_empty: bool = False, skip_threshold: float | None = None, mask: str | None = None, compile_: bool = False) -> None:
+            skip_empty: bool = False, skip_threshold: float | None = None, mask: str | None = None, compile_: bool = False,
+            trust_model_code: bool = False) -> None:
     """Segment INPUT into OUTPUT (a new Zarr v3 array, or OME-Zarr for *.ome.zarr / --ome).
 
     INPUT is a Zarr array, an OME-Zarr image (--level), a TIFF / BigTIFF / OME-TIFF,
@@ -126,6 +128,7 @@ def segment(input_path: str, output_path: str, model: str, workers: int, gpus: i
       unetflow segment raw.zarr pred.zarr --model unet.pt --config pipelines/configs/slurm.yaml
       unetflow segment raw.zarr pred.zarr --model unet.pt --resume      # after a crash or a lost job
       unetflow segment raw.zarr pred.zarr --model unet.pt --part 3/8    # one of 8 independent jobs
+      unetflow segment raw.zarr pred.zarr --model zoo-model.bioimageio.zip   # a bioimage.io package
     """
     _setup_logging(verbose)
     from unetflow.config import ClusterSpec, OutputSettings, RunConfig, SkipSpec, TilingSpec
@@ -146,6 +149,7 @@ def segment(input_path: str, output_path: str, model: str, workers: int, gpus: i
                                        interior_threshold=interior_threshold, image=image),
         cluster=cluster, device=device, amp=amp, dry_run=dry_run, level=level, resume=resume, part=part,
         skip=SkipSpec(empty=skip_empty, threshold=skip_threshold, mask=mask), compile=compile_, nan_value=nan_value,
+        trust_model_code=trust_model_code,
     )
     if config_file:
         config = _with_config_file(config, config_file)
@@ -193,6 +197,7 @@ FLAG_SETTINGS = {
     "overwrite": "output_settings.overwrite", "device": "device", "amp": "amp", "dry_run": "dry_run",
     "resume": "resume", "part": "part", "nan_value": "nan_value",
     "skip_empty": "skip.empty", "skip_threshold": "skip.threshold", "mask": "skip.mask", "compile_": "compile",
+    "trust_model_code": "trust_model_code",
 }
 CLUSTER_FLAGS = ("workers", "gpus", "processes", "scheduler")
 
@@ -309,7 +314,7 @@ def preview(prediction: str, png: str, z: int | None, max_projection: bool, inpu
 
 @main.group()
 def model() -> None:
-    """Make and inspect model checkpoints."""
+    """Make, inspect and export model checkpoints (and inspect bioimage.io packages)."""
 
 
 @model.command("init")
@@ -335,26 +340,39 @@ def model_init(path: str, dims: str, padding: str, depth: int, width: int, chann
 
 
 @model.command("info")
-@click.argument("path", type=click.Path(dir_okay=False))
-@click.option("--probe", is_flag=True, help="Also measure the receptive field with an impulse response (slower).")
+@click.argument("path", type=click.Path())
+@click.option("--probe", is_flag=True, help="Also measure the receptive field with an impulse response (slower; loads the weights).")
+@click.option("--trust-model-code", is_flag=True, help="With --probe: let a bioimage.io package run Python code it carries.")
 @friendly_errors
-def model_info(path: str, probe: bool) -> None:
-    """Print a checkpoint's spec and geometry: input multiple, margin, receptive field."""
-    from unetflow.model.checkpoint import load_checkpoint
+def model_info(path: str, probe: bool, trust_model_code: bool) -> None:
+    """Describe a checkpoint or a bioimage.io package alike: dims, channels, classes,
+    valid sizes, margin, halo, receptive field, pre- and postprocessing."""
+    from unetflow.model.summary import summarise
 
-    ckpt = load_checkpoint(path)
-    click.echo(f"path             {path}")
-    click.echo(f"unetflow version {ckpt.unetflow_version}")
-    for key, value in ckpt.spec.to_dict().items():
+    for key, value in summarise(path, probe=probe, trust_code=trust_model_code).items():
         click.echo(f"{key:16s} {value}")
-    for key, value in ckpt.net.geometry.describe().items():
-        click.echo(f"{key:16s} {value}")
-    n_params = sum(p.numel() for p in ckpt.net.parameters())
-    click.echo(f"{'parameters':16s} {n_params}")
-    if probe:
-        from unetflow.model.unet import probe_receptive_radius
 
-        click.echo(f"{'probed radius':16s} {probe_receptive_radius(ckpt.net)}")
+
+@model.command("export")
+@click.argument("checkpoint", type=click.Path(dir_okay=False, exists=True))
+@click.argument("package", type=click.Path(dir_okay=False))
+@click.option("--name", default=None, help="The model's name in the package (default: the checkpoint's file name).")
+@click.option("--author", "authors", multiple=True, help="An author's name (repeat for several).")
+@click.option("--license", "license_", default="CC-BY-4.0", show_default=True, help="SPDX license id of the weights.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic test input.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing package.")
+@friendly_errors
+def model_export(checkpoint: str, package: str, name: str | None, authors: tuple[str, ...], license_: str, seed: int, overwrite: bool) -> None:
+    """Write CHECKPOINT as a bioimage.io model package PACKAGE (.zip, format 0.5).
+
+    Torchscript and state-dict weights, valid sizes, normalisation, activation, a test
+    input and output, a cover and the training record; validated by bioimageio.spec.
+    Needs the extra: pip install 'unetflow[bioimageio]'. Check it with `bioimageio test PACKAGE`.
+    """
+    from unetflow.model.zoo_export import export_package
+
+    out = export_package(checkpoint, package, name=name, authors=authors, license=license_, seed=seed, overwrite=overwrite)
+    click.echo(f"wrote {out}: a bioimage.io model package (format 0.5); check it with `bioimageio test {out}`")
 
 
 from unetflow import cli_train  # noqa: E402,F401  (registers train, sample, evaluate, demo)

@@ -23,7 +23,7 @@ from unetflow import finite, preflight, resume, schedule, store, telemetry
 from unetflow.config import RunConfig, parse_shape, to_dict
 from unetflow.errors import BlockFailedError, ConfigError, InputFormatError, OutputExistsError, OutputWriteError, ShapeError, UnetflowError
 from unetflow.infer import WRITE_THREADS, BlockJob, BlockResult, OutputSpec, cancel_blocks, norm_stats, run_block
-from unetflow.model.predictor import CheckpointSource, NetInfo, net_info
+from unetflow.model.predictor import NetInfo, model_source, net_info
 from unetflow.plan import Plan, make_tiling
 from unetflow.worker import tune_allocator
 
@@ -92,7 +92,7 @@ class RunReport:
 def prepare(config: RunConfig, *, source: Any = None) -> Prepared:
     """Check the input, the model and the settings; derive the plan. Touches nothing."""
     preflight.check(config)
-    source = source or CheckpointSource(config.model)
+    source = source or model_source(config.model, trust_code=config.trust_model_code)
     net = source.load()
     info = net_info(net)
     spec = net.spec.to_dict() if hasattr(net, "spec") else None

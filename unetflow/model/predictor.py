@@ -45,6 +45,16 @@ class CheckpointSource:
         return {"kind": "checkpoint", "path": os.path.abspath(self.path)}
 
 
+def model_source(path: str, *, trust_code: bool = False) -> NetSource:
+    """The source for ``--model PATH``: a bioimage.io package (a .zip holding an
+    rdf.yaml, the yaml, or a folder; :mod:`unetflow.model.zoo`) or a unetflow checkpoint."""
+    from unetflow.model import zoo
+
+    if zoo.is_package(path):
+        return zoo.PackageSource(path, trust_code=trust_code)
+    return CheckpointSource(path)
+
+
 @dataclass(frozen=True)
 class NetInfo:
     """What the driver and the block code need to know about a loaded network."""

@@ -145,6 +145,7 @@ class Mapping:
     post: tuple[Step, ...]
     activation: str
     formats: tuple[str, ...]
+    known_radius: int | None = None  # a package unetflow exported: its UNetGeometry's radius, not probed
 
 
 def map_description(descr: Any, *, name: str) -> Mapping:
@@ -171,7 +172,25 @@ def map_description(descr: Any, *, name: str) -> Mapping:
     formats = tuple(f for f in ("torchscript", "pytorch_state_dict", "onnx", "keras_hdf5", "keras_v3", "tensorflow_saved_model_bundle",
                                 "tensorflow_js") if getattr(descr.weights, f, None) is not None)
     return Mapping(name, len(space), in_channels, classes, space, in_order, out_order, sizes, tuple(offset), tuple(halo),
-                   norm, pre, post, activation, formats)
+                   norm, pre, post, activation, formats, _exported_radius(descr))
+
+
+def _exported_radius(descr: Any) -> int | None:
+    """The receptive radius of a U-Net unetflow exported (its spec is in ``config.unetflow``)."""
+    extra = getattr(descr.config, "model_extra", None) or {}
+    spec = extra.get("unetflow", {}).get("spec") if isinstance(extra.get("unetflow"), dict) else None
+    if not isinstance(spec, dict):
+        return None
+    try:
+        return int(_unet_geometry(ModelSpec.from_dict(spec)).receptive_radius)
+    except (ConfigError, TypeError):
+        return None
+
+
+def _unet_geometry(spec: ModelSpec) -> Any:
+    from unetflow.model.geometry import UNetGeometry
+
+    return UNetGeometry.from_spec(spec)
 
 
 def _axes_order(axes: Any, *, name: str, what: str) -> tuple[tuple[str, ...], tuple[str, ...], int]:
@@ -300,6 +319,7 @@ class PackageGeometry:
         self.min_input, self.input_multiple = _common_sizes(m)
         self.fixed = any(step == 0 for _, step in m.sizes)
         self.declared_halo = max(m.halo)
+        self.known_radius = m.known_radius
         self._probe = probe
 
     def is_valid_input(self, n: int) -> bool:
@@ -326,6 +346,8 @@ class PackageGeometry:
             return self.margin + self.input_multiple - 1  # as UNetGeometry: the pooling phase's shift
         if self.declared_halo:
             return self.declared_halo
+        if self.known_radius is not None:
+            return self.known_radius
         return self._probe() if self._probe is not None else 0
 
     def describe(self) -> dict[str, Any]:
@@ -585,6 +607,7 @@ def package_info(path: str) -> dict[str, Any]:
         "postprocessing": ", ".join([s.describe() for s in m.post] + ([m.activation] if m.activation != "none" else [])) or "none",
     }
     info.update({k: v for k, v in geometry.describe().items() if k not in ("receptive_radius", "receptive_field")})
+    info["known_radius"] = m.known_radius
     return info
 
 
