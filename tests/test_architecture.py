@@ -19,6 +19,7 @@ ROOMS = {
     "distributed": ("schedule",),
     "dask_jobqueue": ("schedule",),
     "torch": ("model", "infer", "blend", "telemetry", "train", "run_train"),
+    "bioimageio": ("model.zoo",),  # an optional extra (issue 19): model/zoo.py and model/zoo_export.py only
 }
 LEAVES = ("geometry", "config", "errors")
 

@@ -301,3 +301,61 @@ def test_unsupported_weight_formats_are_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"weights in onnx; unetflow runs torchscript"):
         PackageSource(str(pkg)).load()
     shutil.rmtree(tmp_path / "pkg")
+
+
+# --- the mapping, piece by piece ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", [
+    ("b", "c", "z", "y", "x"),  # unetflow's own layout
+    ("c", "z", "y", "x"),  # no batch axis: one sample at a time
+    ("b", "z", "y", "x", "c"),  # channels last
+    ("b", "1", "c", "x", "y", "z"),  # a size-1 extra axis, space reversed
+    ("z", "y", "x"),  # neither batch nor channel
+])
+def test_axes_round_trip(order):
+    from unetflow.model.zoo import from_package, to_package
+
+    channels = 1 if "c" not in order else 2
+    batch = 1 if "b" not in order else 3
+    x = torch.arange(batch * channels * 4 * 5 * 6, dtype=torch.float32).reshape(batch, channels, 4, 5, 6)
+    y = to_package(x, order, ("z", "y", "x"))
+    assert y.ndim == len(order)
+    np.testing.assert_array_equal(from_package(y, order, ("z", "y", "x")).numpy(), x.numpy())
+
+
+def test_processing_the_engine_cannot_apply_is_refused(tmp_path):
+    from unetflow.model.zoo import map_description
+
+    image = np.zeros((1, 1, 16, 16), np.float32)
+    net = nn.Conv2d(1, 1, 1)
+    stats = bmz.ZeroMeanUnitVarianceDescr(kwargs=bmz.ZeroMeanUnitVarianceKwargs(axes=[bmz.AxisId("y"), bmz.AxisId("x")]))
+    fixed = bmz.ScaleLinearDescr(kwargs=bmz.ScaleLinearKwargs(gain=2.0, offset=0.0))
+    pkg = package(tmp_path / "late", net, image, axes_in=("b", "c1", "y", "x"), axes_out=("b", "c1", "y", "x"), sizes=(8, 4),
+                  pre=[fixed, stats], post=[])
+    from bioimageio.spec import load_model_description
+
+    descr = load_model_description(str(pkg), perform_io_checks=False)
+    with pytest.raises(CheckpointError, match=r"zero_mean_unit_variance.*after a fixed step"):
+        map_description(descr, name="late")
+    mapping = map_description(descr.model_copy(update={"inputs": [descr.inputs[0].model_copy(update={"preprocessing": [stats, fixed]})]}),
+                              name="ok")
+    assert mapping.norm.kind == "meanstd" and [s.id for s in mapping.pre] == ["scale_linear"]
+
+
+def test_weights_at_a_url_are_refused_without_a_download():
+    from types import SimpleNamespace
+
+    from unetflow.model.zoo import _local_bytes
+
+    remote = SimpleNamespace(source="https://example.org/weights.pt", get_reader=lambda: pytest.fail("tried to download"))
+    with pytest.raises(CheckpointError, match=r"on the internet; unetflow reads local files only"):
+        _local_bytes(remote, name="remote.yaml")
+
+
+def test_a_folder_without_a_description_is_named(tmp_path):
+    from unetflow.errors import InputNotFoundError
+    from unetflow.model.predictor import model_source
+
+    with pytest.raises(InputNotFoundError, match=r"holds no rdf.yaml"):
+        model_source(str(tmp_path))

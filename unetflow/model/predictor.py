@@ -52,6 +52,11 @@ def model_source(path: str, *, trust_code: bool = False) -> NetSource:
 
     if zoo.is_package(path):
         return zoo.PackageSource(path, trust_code=trust_code)
+    if os.path.isdir(path):
+        from unetflow.errors import InputNotFoundError
+
+        raise InputNotFoundError(f"model folder {path} holds no rdf.yaml or bioimageio.yaml; pass a unetflow checkpoint (.pt) "
+                                 "or a bioimage.io package (.zip, rdf.yaml or its unpacked folder)")
     return CheckpointSource(path)
 
 

@@ -525,7 +525,7 @@ def load_weights(descr: Any, mapping: Mapping, *, trust_code: bool) -> nn.Module
     """
     w, name = descr.weights, mapping.name
     if w.torchscript is not None:
-        module = torch.jit.load(io.BytesIO(w.torchscript.get_reader().read()), map_location="cpu")
+        module = torch.jit.load(io.BytesIO(_local_bytes(w.torchscript, name=name)), map_location="cpu")
         return module.eval()
     sd = w.pytorch_state_dict
     if sd is not None and (trust_code or _unetflow_architecture(sd.architecture)):
@@ -541,6 +541,21 @@ def load_weights(descr: Any, mapping: Mapping, *, trust_code: bool) -> nn.Module
                           f"torchscript, or pytorch_state_dict with an architecture from unetflow{why}")
 
 
+def _local_bytes(file: Any, *, name: str) -> bytes:
+    """The bytes of a file of the package; never a download (workers may have no internet).
+
+    Raises
+    ------
+    CheckpointError
+        The file is a URL: the message says to download the package first.
+    """
+    source = str(file.source)
+    if "://" in source and not source.startswith("file://"):
+        raise CheckpointError(f"model package {name}: {source} is on the internet; unetflow reads local files only: "
+                              "download the package (.zip) first, e.g. from bioimage.io, and pass its path")
+    return bytes(file.get_reader().read())
+
+
 def _unetflow_architecture(arch: Any) -> bool:
     return hasattr(arch, "import_from") and (arch.import_from == "unetflow" or arch.import_from.startswith("unetflow."))
 
@@ -551,7 +566,7 @@ def _architecture(arch: Any, *, name: str) -> nn.Module:
     if hasattr(arch, "import_from"):
         module = importlib.import_module(arch.import_from)
     else:
-        source = arch.get_reader().read()
+        source = _local_bytes(arch, name=name)
         module = type(sys)(f"unetflow_package_code_{abs(hash(name))}")
         exec(compile(source, str(arch.source), "exec"), module.__dict__)  # noqa: S102 - only with --trust-model-code
     return getattr(module, str(arch.callable))(**kwargs)
@@ -561,7 +576,7 @@ def _state_dict(weights: Any, *, name: str) -> dict[str, Any]:
     import pickle
 
     try:
-        state = torch.load(io.BytesIO(weights.get_reader().read()), map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(_local_bytes(weights, name=name)), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
         from unetflow.model.checkpoint import _reason
 
