@@ -172,19 +172,23 @@ def map_description(descr: Any, *, name: str) -> Mapping:
     formats = tuple(f for f in ("torchscript", "pytorch_state_dict", "onnx", "keras_hdf5", "keras_v3", "tensorflow_saved_model_bundle",
                                 "tensorflow_js") if getattr(descr.weights, f, None) is not None)
     return Mapping(name, len(space), in_channels, classes, space, in_order, out_order, sizes, tuple(offset), tuple(halo),
-                   norm, pre, post, activation, formats, _exported_radius(descr))
+                   norm, pre, post, activation, formats, _exported_radius(descr, sizes))
 
 
-def _exported_radius(descr: Any) -> int | None:
-    """The receptive radius of a U-Net unetflow exported (its spec is in ``config.unetflow``)."""
+def _exported_radius(descr: Any, sizes: tuple[tuple[int, int], ...]) -> int | None:
+    """The receptive radius of a U-Net unetflow exported (its spec is in ``config.unetflow``),
+    if that spec's sizes are the package's (an edited package falls back to the probe)."""
     extra = getattr(descr.config, "model_extra", None) or {}
     spec = extra.get("unetflow", {}).get("spec") if isinstance(extra.get("unetflow"), dict) else None
     if not isinstance(spec, dict):
         return None
     try:
-        return int(_unet_geometry(ModelSpec.from_dict(spec)).receptive_radius)
+        geometry = _unet_geometry(ModelSpec.from_dict(spec))
     except (ConfigError, TypeError):
         return None
+    if any((lo, step) != (geometry.min_input, geometry.input_multiple) for lo, step in sizes):
+        return None
+    return int(geometry.receptive_radius)
 
 
 def _unet_geometry(spec: ModelSpec) -> Any:
@@ -265,6 +269,7 @@ def _preprocessing(ops: Any, channels: int, *, name: str) -> tuple[NormSpec, tup
         norm = _norm_of(steps[0], channels, name=name)
         steps = steps[1:]
     for s in steps:
+        _check_axis(s, name=name)
         if s.id not in FIXED_OPS:
             where = "after a fixed step" if s.id in STAT_OPS else "that unetflow cannot apply per block"
             raise CheckpointError(f"model package {name}: preprocessing step {s.describe()} {where}; unetflow applies one "
@@ -283,10 +288,19 @@ def _norm_of(step: Step, channels: int, *, name: str) -> NormSpec:
     return NormSpec(kind="meanstd")
 
 
+def _check_axis(step: Step, *, name: str) -> None:
+    """Per-axis arguments (``scale_linear`` along an axis, ...) are applied per channel only."""
+    axis = step.kwargs.get("axis")
+    if step.id != "softmax" and axis is not None and str(axis) != "channel":
+        raise CheckpointError(f"model package {name}: {step.describe()} varies along axis {axis}; "
+                              "unetflow applies per-axis arguments along the channel axis only")
+
+
 def _postprocessing(ops: Any, *, name: str) -> tuple[tuple[Step, ...], str]:
     """Fixed pointwise steps run in the forward pass; a final sigmoid/softmax is the activation."""
     steps = [s for s in _steps(ops) if s.id != "ensure_dtype"]
     for s in steps:
+        _check_axis(s, name=name)
         if s.id not in FIXED_OPS:
             raise CheckpointError(f"model package {name}: postprocessing step {s.describe()} needs statistics or code "
                                   "that unetflow does not apply per block; use a package without it")
