@@ -102,6 +102,28 @@ def test_exported_package_runs_blockwise_like_the_checkpoint(tmp_path, demo_pack
     np.testing.assert_array_equal(run(tmp_path, inp, str(folder / "rdf.yaml"), "yaml.zarr", **kw), got)
 
 
+def test_valid_2d_net_exports_with_its_offset_and_tiles_exactly(tmp_path):
+    """A valid net (output smaller by 2 * margin: the output axes' offset), meanstd and one
+    class (sigmoid): bioimageio.core's test passes, and the package tiles exactly like the .pt."""
+    runner = CliRunner()
+    pt, pkg = str(tmp_path / "v.pt"), str(tmp_path / "v.zip")
+    init = ["model", "init", pt, "--dims", "2", "--padding", "valid", "--depth", "2", "--width", "4", "--classes", "1", "--norm", "meanstd"]
+    assert runner.invoke(main, init).exit_code == 0
+    assert runner.invoke(main, ["model", "export", pt, pkg]).exit_code == 0
+    from bioimageio.spec import load_model_description
+
+    descr = load_model_description(pkg, perform_io_checks=False)
+    assert [a.size.offset for a in descr.outputs[0].axes[2:]] == [-40, -40]  # margin 20 of the depth-2 valid U-Net
+    assert [p.id for p in descr.inputs[0].preprocessing if p.id != "ensure_dtype"] == ["zero_mean_unit_variance"]
+    core = pytest.importorskip("bioimageio.core")
+    summary = core.test_model(pkg)
+    assert summary.status == "passed", summary.format()
+    image = np.random.default_rng(4).normal(300.0, 50.0, (50, 70)).astype(np.float32)
+    inp = write_zarr(tmp_path / "raw.zarr", image, chunks=(25, 35))
+    kw = dict(block=(16, 32), patch=(52, 60))
+    np.testing.assert_allclose(run(tmp_path, inp, pkg, "zip.zarr", **kw), run(tmp_path, inp, pt, "pt.zarr", **kw), atol=1e-6, rtol=0)
+
+
 def test_model_info_describes_both_alike(demo_package):
     runner = CliRunner()
     a = runner.invoke(main, ["model", "info", DEMO])

@@ -52,11 +52,13 @@ def model_source(path: str, *, trust_code: bool = False) -> NetSource:
 
     if zoo.is_package(path):
         return zoo.PackageSource(path, trust_code=trust_code)
-    if os.path.isdir(path):
-        from unetflow.errors import InputNotFoundError
+    from unetflow.errors import InputNotFoundError
 
+    if os.path.isdir(path):
         raise InputNotFoundError(f"model folder {path} holds no rdf.yaml or bioimageio.yaml; pass a unetflow checkpoint (.pt) "
                                  "or a bioimage.io package (.zip, rdf.yaml or its unpacked folder)")
+    if not os.path.exists(path) and path.endswith((".zip", ".yaml")):
+        raise InputNotFoundError(f"model package {path} does not exist; check the path")
     return CheckpointSource(path)
 
 

@@ -21,8 +21,9 @@ def summarise(path: str, *, probe: bool = False, trust_code: bool = False) -> di
     A package's ``same`` net without a declared halo has no receptive field until probed.
     """
     from unetflow.model import zoo
+    from unetflow.model.predictor import model_source
 
-    if zoo.is_package(path):
+    if isinstance(model_source(path), zoo.PackageSource):  # refuses a missing package or a folder without one
         return _package(path, probe=probe, trust_code=trust_code)
     return _checkpoint(path, probe=probe)
 

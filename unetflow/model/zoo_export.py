@@ -71,7 +71,7 @@ def export_package(checkpoint: str, output: str, *, name: str | None = None, aut
     ckpt = load_checkpoint(checkpoint)
     with tempfile.TemporaryDirectory(prefix="unetflow-export-") as tmp:
         files = write_files(ckpt, Path(tmp), seed=seed)
-        descr = build_description(ckpt, files, name=name or Path(checkpoint).stem, authors=authors, license=license)
+        descr = build_description(ckpt, files, name=name or f"{Path(checkpoint).stem} (unetflow U-Net)", authors=authors, license=license)
         save_package(descr, out)
     log.info("wrote bioimage.io package %s", out)
     return out
