@@ -18,7 +18,8 @@ ROOMS = {
     "h5py": ("store", "formats"),
     "distributed": ("schedule",),
     "dask_jobqueue": ("schedule",),
-    "torch": ("model", "infer", "blend", "telemetry", "train", "run_train"),
+    "torch": ("model", "infer", "blend", "telemetry", "train", "export"),
+    "bioimageio": ("model.zoo", "export"),  # an optional extra (issue 19): model/zoo.py and export.py only
 }
 LEAVES = ("geometry", "config", "errors")
 
@@ -33,7 +34,7 @@ FLOW = (
     ("output",),
     ("resolve",),
     ("preflight",),
-    ("train",),
+    ("train", "export"),
     ("evaluate",),
     ("schedule",),
     ("worker",),

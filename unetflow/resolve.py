@@ -20,7 +20,7 @@ from unetflow.config import NormSpec, RunConfig, fit_shape
 from unetflow.errors import ConfigError, InputFormatError, OutputWriteError, ShapeError
 from unetflow.infer import WRITE_THREADS, BlockJob, OutputSpec, norm_stats
 from unetflow.model.geometry import activation_bytes
-from unetflow.model.predictor import CheckpointSource, NetInfo, NetSource, net_info
+from unetflow.model.predictor import NetInfo, NetSource, model_source, net_info
 from unetflow.plan import Plan, make_tiling
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class RunPlan:
 def resolve(config: RunConfig, *, source: NetSource | None = None) -> RunPlan:
     """Check the input, the model and the settings; derive the plan. Touches nothing."""
     preflight.check(config)
-    source = source or CheckpointSource(config.model)
+    source = source or model_source(config.model, trust_code=config.trust_model_code)
     net = source.load()
     info = net_info(net)
     spec = net.spec.to_dict() if hasattr(net, "spec") else None
