@@ -37,7 +37,8 @@ setup(
             "moto[server]>=5",
             "s3fs>=2024.6",
             "pillow>=10",
-            "ruff>=0.6",  # tests/test_architecture.py: the code is lint-clean (ruff.toml)
+            "ruff>=0.6",  # tests/test_architecture.py: the code is lint-clean (pyproject.toml [tool.ruff])
+            "mypy>=1.10",  # ... and the core rooms type-check (pyproject.toml [tool.mypy])
             # tests/test_zoo.py (issue 19): packages built with the field's validator, checked by its runner
             "bioimageio.spec>=0.5.12",
             "bioimageio.core>=0.11",

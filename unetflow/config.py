@@ -447,7 +447,7 @@ class Setting:
 
 def _sections(cls: type) -> dict[str, type]:
     """The fields of *cls* that are settings sections (frozen dataclasses)."""
-    out = {}
+    out: dict[str, type] = {}
     for f in dataclasses.fields(cls):
         factory = f.default_factory
         if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):

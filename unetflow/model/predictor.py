@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from unetflow.errors import ConfigError
+from unetflow.geometry import NetGeometry
 from unetflow.model.geometry import activation_bytes
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class NetInfo:
     in_channels: int
     classes: int
     activation: str  # softmax, sigmoid or none
-    geometry: Any
+    geometry: NetGeometry
 
 
 def net_info(net: torch.nn.Module) -> NetInfo:
