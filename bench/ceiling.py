@@ -43,7 +43,8 @@ def expected_output(input_path: str, dtype: str) -> Any:
     import numpy as np
 
     from unetflow import formats, store
-    from unetflow.infer import OutputSpec, convert_output, norm_stats
+    from unetflow.job import OutputSpec
+    from unetflow.values import convert_output, norm_stats
     from unetflow.model.testing import NearFreeNet
 
     array = formats.open_input(input_path)

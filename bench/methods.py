@@ -71,7 +71,7 @@ def batch_size(case: Case) -> int:
 def stats(case: Case) -> tuple[float, float]:
     """The percentile statistics unetflow measures, so every method normalises alike."""
     from unetflow import formats, store
-    from unetflow.infer import norm_stats
+    from unetflow.values import norm_stats
     from unetflow.model.checkpoint import load_checkpoint
 
     array = formats.open_input(case.input)

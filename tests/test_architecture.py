@@ -18,7 +18,7 @@ ROOMS = {
     "h5py": ("store", "formats"),
     "distributed": ("schedule",),
     "dask_jobqueue": ("schedule",),
-    "torch": ("model", "infer", "blend", "telemetry", "train", "export"),
+    "torch": ("model", "infer", "transfer", "values", "blend", "telemetry", "train", "export"),
     "bioimageio": ("model.zoo", "export"),  # an optional extra (issue 19): model/zoo.py and export.py only
 }
 LEAVES = ("geometry", "config", "errors")
@@ -40,6 +40,9 @@ FLOW = (
     ("worker",),
     ("tuning",),
     ("infer",),
+    ("read", "transfer"),
+    ("values",),
+    ("job",),
     ("label", "telemetry", "finite", "sample"),
     ("model", "blend", "plan"),
     ("formats",),

@@ -10,7 +10,7 @@ from conftest import assert_blended, random_image, write_zarr
 from unetflow.config import ClusterSpec, OutputSettings, RunConfig, SkipSpec, TilingSpec
 from unetflow.errors import ConfigError
 from unetflow.geometry import Box
-from unetflow.infer import scale_box
+from unetflow.read import scale_box
 from unetflow.model.testing import ScaleNet, ScaleNetSource
 from unetflow.run import segment
 from unetflow.telemetry import STAGES

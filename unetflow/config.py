@@ -245,7 +245,7 @@ class OutputSettings:
     overwrite: bool = False
     ome: bool = False  # OME-Zarr 0.5 output (also when the path ends in .ome.zarr)
     interior_threshold: float | None = None  # instances: None = unetflow.label.INTERIOR_THRESHOLD
-    write_threads: int = 0  # compress + write threads per worker; 0: unetflow.infer.WRITE_THREADS
+    write_threads: int = 0  # compress + write threads per worker; 0: unetflow.job.WRITE_THREADS
     image: ImageMode = "copy"  # OME-Zarr labels / instances: the input image at the root (copy, link) or not (none)
 
     def __post_init__(self) -> None:

@@ -116,7 +116,7 @@ def test_input(ckpt: LoadedCheckpoint, *, seed: int) -> np.ndarray:
 def expected_output(ckpt: LoadedCheckpoint, raw: np.ndarray) -> np.ndarray:
     """unetflow's prediction for the whole image *raw* (C, *S): normalised with its own
     statistics (as bioimageio.core does per sample), one forward pass, activated."""
-    from unetflow.infer import norm_stats, normalise
+    from unetflow.values import norm_stats, normalise
 
     norm = ckpt.spec.norm
     x = normalise(raw, norm, norm_stats(raw.reshape(raw.shape[0], -1), norm))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from unetflow import resume, schedule
-from unetflow.infer import BlockResult
+from unetflow.job import BlockResult
 from unetflow.resolve import RunPlan
 
 log = logging.getLogger(__name__)

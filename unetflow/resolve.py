@@ -18,7 +18,8 @@ import numpy as np
 from unetflow import finite, formats, preflight, schedule, store
 from unetflow.config import ModelSpec, NormSpec, RunConfig, fit_shape
 from unetflow.errors import ConfigError, InputFormatError, OutputWriteError, ShapeError
-from unetflow.infer import WRITE_THREADS, BlockJob, OutputSpec, norm_stats
+from unetflow.job import WRITE_THREADS, BlockJob, OutputSpec
+from unetflow.values import norm_stats
 from unetflow.model.geometry import activation_bytes
 from unetflow.model.predictor import NetInfo, NetSource, model_source, net_info
 from unetflow.plan import Plan, make_tiling

@@ -21,7 +21,8 @@ import numpy as np
 from unetflow import output, report, resume, schedule, store, telemetry, tuning
 from unetflow.config import RunConfig
 from unetflow.errors import BlockFailedError, ConfigError, OutputWriteError
-from unetflow.infer import BlockJob, BlockResult, cancel_blocks, run_block
+from unetflow.infer import cancel_blocks, run_block
+from unetflow.job import BlockJob, BlockResult
 from unetflow.model.predictor import NetSource, torch_threads_kept
 from unetflow.report import RunReport
 from unetflow.resolve import RunPlan, check_room, input_stats, make_job, resolve

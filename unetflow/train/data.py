@@ -16,7 +16,7 @@ from unetflow import formats, store
 from unetflow.config import NormSpec
 from unetflow.errors import ShapeError
 from unetflow.geometry import Box
-from unetflow.infer import normalise, norm_stats
+from unetflow.values import normalise, norm_stats
 from unetflow.train.augment import elastic, intensity_jitter, random_flip_rot
 from unetflow.train.losses import class_balance_weights, weight_map
 from unetflow.train.targets import INTERIOR, instance_to_classes, is_instance_labels
