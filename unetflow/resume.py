@@ -82,14 +82,18 @@ class RunDir:
     """The run folder of one output: ``<output>.unetflow``, beside the store, never inside it.
 
     Every caller finds the folder through this class (never by building the path), so
-    its place is decided here only. Local paths only, as are outputs.
+    its place is decided here only. Local paths only, as are outputs. Labels written into
+    an input image (``IMAGE/labels/NAME``) have it beside the image, outside its Zarr
+    hierarchy: ``IMAGE.labels-NAME.unetflow`` (:func:`unetflow.formats.attach.beside`).
     """
 
     output: str
 
     @property
     def path(self) -> Path:
-        return Path(str(self.output).rstrip("/") + RUN_DIR)
+        from unetflow.formats import attach
+
+        return Path(attach.beside(str(self.output)) + RUN_DIR)
 
     @property
     def done_dir(self) -> Path:

@@ -607,7 +607,9 @@ def train(spec: Any, *, progress: bool = True) -> Any:
 
 
 def _ome(config: RunConfig) -> bool:
-    return config.output_settings.ome or config.output.rstrip("/").lower().endswith(".ome.zarr")
+    from unetflow.formats import omezarr
+
+    return omezarr.wants_ome(config.output, ome=config.output_settings.ome)
 
 
 def output_array_path(config: RunConfig, kind: str) -> str:
@@ -634,7 +636,7 @@ def create_output_array(p: Prepared, stats: Sequence[Sequence[float]]) -> None:
     if _ome(p.config):
         from unetflow.formats import omeroot, omezarr
 
-        if p.output.kind != "probabilities":  # before anything is written (issue 18)
+        if p.output.kind != "probabilities" and not omezarr.into_input(path):  # before anything is written (issue 18)
             omeroot.check_root_image(p.config.input, level=p.config.level, mode=o.image)
         path = omezarr.prepare_output(path, kind=p.output.kind, overwrite=o.overwrite)
     store.create_output(
