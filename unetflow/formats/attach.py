@@ -100,14 +100,14 @@ def check(t: Target, *, input_path: str, kind: str, level: int | None) -> None:
     if kind not in ("labels", "instances"):
         raise ConfigError(f"{where}: --output {kind} is not a label image; pass --output labels or instances, or {separate}")
     meta = _metadata(t.image)
-    if os.path.isdir(t.labels) and not os.path.isfile(os.path.join(t.labels, "zarr.json")):
-        raise ConfigError(f"{where}: its labels folder {t.labels} is not a Zarr v3 group (no zarr.json); "
-                          f"move that folder away, or {separate}")
     if meta is None:
         raise ConfigError(f"{where}: it is a Zarr v2 store (OME-Zarr 0.4) and its labels would be Zarr v3; convert it "
                           f"(unetflow convert {t.image} NEW.ome.zarr) and write into that, or {separate}")
     if "multiscales" not in meta:
         raise ConfigError(f"{where}: it is not an OME-Zarr image (no multiscales in its zarr.json); {separate}")
+    if os.path.isdir(t.labels) and not os.path.isfile(os.path.join(t.labels, "zarr.json")):
+        raise ConfigError(f"{where}: its labels folder {t.labels} is not a Zarr v3 group (no zarr.json); "
+                          f"move that folder away, or {separate}")
     if level:
         raise ConfigError(f"{where} with --level {level}: a label image must have every level of its image, from level 0; "
                           f"leave out --level, or {separate} with --level {level}")
