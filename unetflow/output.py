@@ -157,7 +157,7 @@ def create_output_array(p: RunPlan, stats: Sequence[Sequence[float]]) -> None:
     if is_ome(p.config):
         from unetflow.formats import omeroot, omezarr
 
-        if p.output.kind != "probabilities":  # before anything is written (issue 18)
+        if p.output.kind != "probabilities" and not omezarr.into_input(path):  # before anything is written (issue 18)
             omeroot.check_root_image(p.config.input, level=p.config.level, mode=o.image)
         path = omezarr.prepare_output(path, kind=p.output.kind, overwrite=o.overwrite)
     store.create_output(

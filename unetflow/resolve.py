@@ -304,7 +304,9 @@ def input_stats(samples: np.ndarray, norm: Any, *, nan_value: float | None, name
 
 
 def is_ome(config: RunConfig) -> bool:
-    return config.output_settings.ome or config.output.rstrip("/").lower().endswith(".ome.zarr")
+    from unetflow.formats import omezarr
+
+    return omezarr.wants_ome(config.output, ome=config.output_settings.ome)
 
 
 def make_job(p: RunPlan, stats: Sequence[Sequence[float]], output_path: str) -> BlockJob:

@@ -61,7 +61,7 @@ def setting_option(*decls: str, path: str, **kwargs: Any) -> Callable[[Any], Any
 @setting_option("--amp/--no-amp", path="amp", help="Mixed precision (bf16, fp16 where bf16 is missing). Default: on for GPUs (about 2x faster, probabilities differ ~1e-2), off on CPU.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @setting_option("--ome", path="output_settings.ome", is_flag=True, help="Write OME-Zarr 0.5 (multiscales, voxel size, a pyramid for viewers; labels under labels/segmentation). On by default for OUTPUT ending in .ome.zarr.")
-@setting_option("--image", path="output_settings.image", show_default=True, help="OME-Zarr labels/instances: put the input image at OUTPUT's root with the labels under labels/, so viewers open OUTPUT as image + labels. copy: its chunk files (re-encoded where they are not Zarr v3), as much disk as the input levels used; link: symlinks to a local OME-Zarr 0.5 input's levels (no copy; the output breaks if the input moves); none: the labels alone (open OUTPUT/labels/segmentation).")
+@setting_option("--image", path="output_settings.image", show_default=True, help="OME-Zarr labels/instances: put the input image at OUTPUT's root with the labels under labels/, so viewers open OUTPUT as image + labels. copy: its chunk files (re-encoded where they are not Zarr v3), as much disk as the input levels used; link: symlinks to a local OME-Zarr 0.5 input's levels (no copy; the output breaks if the input moves); none: the labels alone (open OUTPUT/labels/segmentation). Not used when OUTPUT is INPUT/labels/NAME: the labels then go into the input OME-Zarr's own labels group.")
 @setting_option("--level", path="level", type=int, help="Resolution level of a multiscale INPUT (OME-Zarr, pyramidal OME-TIFF); 0 is full resolution.")
 @click.option("-v", "--verbose", count=True, help="-v: a log line per block; -vv: debug.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="YAML run config (cluster, tiling, output, device); see pipelines/configs/. Flags given on the command line override it.")
@@ -75,6 +75,9 @@ def segment(input_path: str, output_path: str, model: str, progress: bool, verbo
     INPUT is a Zarr array, an OME-Zarr image (--level), a TIFF / BigTIFF / OME-TIFF,
     a folder or quoted glob of one TIFF per z-slice, file.h5:/dataset, or an fsspec
     URL (s3://, gs://, https://) of Zarr; credentials come from the environment.
+    OUTPUT given as INPUT/labels/NAME (--output labels|instances, a local OME-Zarr 0.5
+    INPUT) writes the labels into the input's own labels group, the NGFF way; nothing
+    else of INPUT is written, and a read-only INPUT is refused before any block runs.
 
     \b
     Examples:
@@ -83,6 +86,7 @@ def segment(input_path: str, output_path: str, model: str, progress: bool, verbo
       unetflow segment em.h5:/volumes/raw pred.zarr --model unet.pt
       unetflow segment s3://bucket/raw.ome.zarr pred.ome.zarr --model unet.pt --level 1
       unetflow segment data.zarr/em/raw pred.zarr --model unet.pt --workers 2 --block-shape 256,256,256
+      unetflow segment raw.ome.zarr raw.ome.zarr/labels/nuclei --model unet.pt --output labels   # into the input's labels
       unetflow segment raw.zarr pred.zarr --model unet.pt --dry-run
       unetflow segment raw.zarr pred.zarr --model unet.pt --config pipelines/configs/slurm.yaml
       unetflow segment raw.zarr pred.zarr --model unet.pt --resume      # after a crash or a lost job
@@ -105,9 +109,9 @@ def segment(input_path: str, output_path: str, model: str, progress: bool, verbo
         f"({report.voxels_per_second:.3g} voxels/s); report in {RunDir(output_path).path}/"
     )
     click.echo(f"telemetry: {report.telemetry.get('verdict', '')}")
-    if config.output_settings.ome or output_path.rstrip("/").lower().endswith(".ome.zarr"):
-        from unetflow.formats.omezarr import viewer_path
+    from unetflow.formats.omezarr import viewer_path, wants_ome
 
+    if wants_ome(output_path, ome=config.output_settings.ome):
         click.echo(f"open it: napari --plugin napari-ome-zarr {viewer_path(output_path, kind=config.output_settings.kind, image=config.output_settings.image)}")
 
 
