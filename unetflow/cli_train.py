@@ -121,23 +121,23 @@ def sample(path: str, dims: str, shape: str | None, seed: int, overwrite: bool) 
 @main.command()
 @click.argument("prediction")
 @click.argument("truth")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="The scores and the per-threshold table as JSON.")
 @friendly_errors
 def evaluate(prediction: str, truth: str, as_json: bool) -> None:
-    """Score PREDICTION against TRUTH instance labels: foreground IoU, object P/R/F1 at IoU 0.5, Rand error.
+    """Score PREDICTION against TRUTH instance labels: object P/R/F1 at IoU 0.5, AP, matched IoU, Rand error.
 
     PREDICTION may be instance labels, a class map, or probabilities (C, ...): class
     maps from instance-trained models (background/interior/border) are turned into
-    instances first. Reads both arrays into memory.
+    instances first. Objects match one-to-one when their IoU is above the threshold.
+    Prints foreground IoU, Rand error, tp/fp/fn, precision, recall, F1, accuracy
+    (tp / (tp + fp + fn)) and the mean matched IoU at IoU 0.5, ap (the mean accuracy
+    over IoU 0.5:0.05:0.95, as the DSB 2018, stardist and cellpose papers report it),
+    then the table per IoU threshold. Reads both arrays into memory.
     """
-    from unetflow.evaluate import evaluate_arrays
+    from unetflow.evaluate import evaluate_arrays, format_report
 
-    scores = evaluate_arrays(prediction, truth)
-    if as_json:
-        click.echo(json.dumps(scores, indent=2))
-        return
-    for key, value in scores.items():
-        click.echo(f"{key:18s} {value:.4f}" if isinstance(value, float) else f"{key:18s} {value}")
+    report = evaluate_arrays(prediction, truth)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
 @main.command()
