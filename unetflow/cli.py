@@ -83,6 +83,7 @@ def _shape(value: str | None, what: str) -> tuple[int, ...] | None:
 @click.option("--skip-empty", is_flag=True, help="Leave blocks whose input is constant to the fill value (0) without running the model.")
 @click.option("--skip-threshold", type=float, default=None, help="With --skip-empty: also skip blocks whose input maximum is below this value.")
 @click.option("--mask", "mask", default=None, help="A Zarr foreground mask of any resolution (scaled to the image); blocks with no nonzero mask voxel are skipped and stay 0.")
+@click.option("--tta", is_flag=True, help="Test-time augmentation: every patch is predicted under all flips of its axes (4 in 2-D, 8 in 3-D) and averaged before blending. That many times slower; smoother probabilities, fewer split or merged objects. Blockwise results stay equal to whole-image ones.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (slower start, often faster on GPUs).")
 @click.option("--output", "output_kind", type=click.Choice(["probabilities", "labels", "instances"]), default="probabilities", show_default=True, help="Class probabilities (C, ...), argmax labels, or instances: one 64-bit id per object for models trained on instance labels (background/interior/border), consistent across blocks (a CPU merge phase after the blocks).")
 @click.option("--interior-threshold", type=float, default=None, help="Instances: interior probability a voxel needs to seed an object (default 0.8; 0 is the plain argmax). Higher splits more touching objects, lower merges more.")
@@ -108,7 +109,8 @@ def segment(input_path: str, output_path: str, model: str, workers: int, gpus: i
             write_threads: int, nan_value: float | None, overwrite: bool,
             dry_run: bool, device: str, amp: bool | None, progress: bool, ome: bool, image: str, level: int | None, verbose: int,
             config_file: str | None = None, resume: bool = False, part: str | None = None,
-            skip_empty: bool = False, skip_threshold: float | None = None, mask: str | None = None, compile_: bool = False) -> None:
+            skip_empty: bool = False, skip_threshold: float | None = None, mask: str | None = None, compile_: bool = False,
+            tta: bool = False) -> None:
     """Segment INPUT into OUTPUT (a new Zarr v3 array, or OME-Zarr for *.ome.zarr / --ome).
 
     INPUT is a Zarr array, an OME-Zarr image (--level), a TIFF / BigTIFF / OME-TIFF,
@@ -140,7 +142,7 @@ def segment(input_path: str, output_path: str, model: str, workers: int, gpus: i
     config = RunConfig(
         input=input_path, output=output_path, model=model,
         tiling=TilingSpec(block_shape=_shape(block_shape, "block shape"), patch_shape=_shape(patch_shape, "patch shape"), blend=blend, overlap=overlap,
-                          halo=_shape(halo, "halo"), allow_small_halo=allow_small_halo, mirror=mirror, batch_size=batch_size),
+                          halo=_shape(halo, "halo"), allow_small_halo=allow_small_halo, mirror=mirror, batch_size=batch_size, tta=tta),
         output_settings=OutputSettings(kind=output_kind, dtype=dtype, chunk_shape=_shape(chunk_shape, "chunk shape"),
                                        shard_shape=_shape(shard_shape, "shard shape"), overwrite=overwrite, ome=ome, write_threads=write_threads,
                                        interior_threshold=interior_threshold, image=image),
@@ -187,7 +189,7 @@ def _segment(config: Any, *, progress: bool) -> Any:
 FLAG_SETTINGS = {
     "block_shape": "tiling.block_shape", "patch_shape": "tiling.patch_shape", "blend": "tiling.blend",
     "overlap": "tiling.overlap", "halo": "tiling.halo", "allow_small_halo": "tiling.allow_small_halo",
-    "mirror": "tiling.mirror", "batch_size": "tiling.batch_size", "output_kind": "output_settings.kind",
+    "mirror": "tiling.mirror", "batch_size": "tiling.batch_size", "tta": "tiling.tta", "output_kind": "output_settings.kind",
     "interior_threshold": "output_settings.interior_threshold", "image": "output_settings.image",
     "dtype": "output_settings.dtype", "write_threads": "output_settings.write_threads", "chunk_shape": "output_settings.chunk_shape", "shard_shape": "output_settings.shard_shape",
     "overwrite": "output_settings.overwrite", "device": "device", "amp": "amp", "dry_run": "dry_run",

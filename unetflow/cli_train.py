@@ -35,6 +35,7 @@ def _pairs(args: tuple[str, ...]) -> tuple[tuple[tuple[str, str], ...], str]:
 @click.option("--steps", "steps_per_epoch", type=int, default=50, show_default=True, help="Batches per epoch.")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--lr", "learning_rate", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default="constant", show_default=True, help="cosine: the learning rate falls from --lr to 0 over all epochs (a stable last epoch); constant: --lr throughout.")
 @click.option("--loss", type=click.Choice(["ce", "dice", "ce+dice"]), default="ce", show_default=True, help="ce: the paper's weighted cross-entropy with the border term.")
 @click.option("--w0", type=float, default=10.0, show_default=True, help="Border weight of the paper's eq. 2. Higher: stronger push to separate touching objects.")
 @click.option("--sigma", type=float, default=5.0, show_default=True, help="Border width (px) of eq. 2.")
@@ -50,7 +51,7 @@ def _pairs(args: tuple[str, ...]) -> tuple[tuple[tuple[str, str], ...], str]:
 @click.option("-v", "--verbose", count=True)
 @friendly_errors
 def train(args: tuple[str, ...], dims: str, padding: str, depth: int, width: int, channels: int, norm: str, targets: str,
-          patch_shape: str | None, epochs: int, steps_per_epoch: int, batch_size: int, learning_rate: float, loss: str,
+          patch_shape: str | None, epochs: int, steps_per_epoch: int, batch_size: int, learning_rate: float, lr_schedule: str, loss: str,
           w0: float, sigma: float, elastic_strength: float, val_fraction: float, seed: int, resume: bool, init: str | None,
           overwrite: bool, device: str, amp: bool | None, progress: bool, verbose: int) -> None:
     """Train a U-Net with the paper's recipe: RAW LABELS MODEL, or RAW:LABELS [...] MODEL.
@@ -87,7 +88,7 @@ def train(args: tuple[str, ...], dims: str, padding: str, depth: int, width: int
         pairs=pairs, output=model_path,
         model=ModelSpec(dims=int(dims), in_channels=channels, padding=padding, depth=depth, width=width, norm=NormSpec(kind=norm)),
         targets=targets, patch_shape=_shape(patch_shape, "patch shape"), epochs=epochs, steps_per_epoch=steps_per_epoch,
-        batch_size=batch_size, learning_rate=learning_rate, loss=loss, w0=w0, sigma=sigma, elastic_strength=elastic_strength,
+        batch_size=batch_size, learning_rate=learning_rate, lr_schedule=lr_schedule, loss=loss, w0=w0, sigma=sigma, elastic_strength=elastic_strength,
         val_fraction=val_fraction, seed=seed, resume=resume, init=init, device=device, amp=amp,
     )
     from unetflow.model.devices import check_device

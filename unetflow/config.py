@@ -188,6 +188,7 @@ class TilingSpec:
     allow_small_halo: bool = False
     mirror: str = "reflect"
     batch_size: int = 0  # 0: chosen from the device (model.predictor.auto_batch_size)
+    tta: bool = False  # test-time augmentation: every patch averaged over all axis flips (model.predictor.forward_tta)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mirror", choose(self.mirror, MIRRORS, what="mirror mode"))
@@ -440,6 +441,7 @@ def apply_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
 
 TARGET_KINDS = ("auto", "instances", "classes")
 LOSSES = ("ce", "dice", "ce+dice")
+LR_SCHEDULES = ("cosine", "constant")
 
 
 @dataclass(frozen=True)
@@ -460,6 +462,7 @@ class TrainSpec:
     steps_per_epoch: int = 50
     batch_size: int = 4
     learning_rate: float = 1e-3
+    lr_schedule: str = "constant"  # cosine: from learning_rate down to 0 over all steps (train.loop.learning_rate_at)
     loss: str = "ce"
     w0: float = 10.0
     sigma: float = 5.0
@@ -476,6 +479,7 @@ class TrainSpec:
         object.__setattr__(self, "device", parse_device(self.device))
         object.__setattr__(self, "targets", choose(self.targets, TARGET_KINDS, what="targets"))
         object.__setattr__(self, "loss", choose(self.loss, LOSSES, what="loss"))
+        object.__setattr__(self, "lr_schedule", choose(self.lr_schedule, LR_SCHEDULES, what="learning-rate schedule"))
         object.__setattr__(self, "pairs", tuple(tuple(p) for p in self.pairs))
         if not self.pairs:
             raise ConfigError("training needs at least one image:labels pair")

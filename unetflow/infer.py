@@ -87,6 +87,7 @@ class BlockJob:
     skip_threshold: float | None = None  # with skip_empty: also skip blocks whose input max is below it
     mask_path: str | None = None
     compile: bool = False
+    tta: bool = False  # every patch averaged over its axis flips (model.predictor.forward_tta)
     input_level: int | None = None
     write_threads: int = 0  # compress + write threads per worker; 0: WRITE_THREADS
     nan_value: float | None = None  # replaces NaN/Inf in raw reads (unetflow.finite.finite_block); None: refuse them
@@ -306,7 +307,7 @@ def run_block(job: BlockJob, block_id: int) -> BlockResult:
         log.debug("block %d skipped (%s)", block_id, skipped)
         return BlockResult(block_id, 0, block.write_box.size, "-", os.getpid(), seconds_wall=time.perf_counter() - t0,
                            peak_rss=peak_rss(), skipped=skipped)
-    predictor = get_predictor(job.source, device=job.device, amp=job.amp, threads=job.threads, compile=job.compile)
+    predictor = get_predictor(job.source, device=job.device, amp=job.amp, threads=job.threads, compile=job.compile, tta=job.tta)
     amp_check = predictor.check_amp(job.plan.tiling.patch)
     clock = Clock(predictor.device)
     try:

@@ -110,6 +110,10 @@ def prepare(config: RunConfig, *, source: Any = None) -> Prepared:
     patch = parse_shape(t.patch_shape, what="patch shape", ndim=dims) if t.patch_shape else default_patch(info, layout)
     block = parse_shape(t.block_shape, what="block shape", ndim=dims) if t.block_shape else default_block(config, layout.spatial_shape)
     chunks, shards = output_chunks(config, block)
+    if config.output_settings.kind == "instances":  # before any work (issue 16)
+        from unetflow.label import check_instance_model
+
+        check_instance_model(config.model, info.classes, tuple(spec.get("class_names") or ()) if spec is not None else None)
     tiling = make_tiling(info.geometry, patch, blend=t.blend, overlap=t.overlap, halo=t.halo, allow_small_halo=t.allow_small_halo)
     plan = Plan(layout.spatial_shape, block, tiling)
     return Prepared(config, info, spec, norm, layout, plan, chunks, shards, output_spec(config, info), source)
@@ -656,7 +660,7 @@ def make_job(p: Prepared, stats: Sequence[Sequence[float]]) -> BlockJob:
         mirror=c.tiling.mirror, batch_size=c.tiling.batch_size, device=c.device, amp=c.amp,
         threads=schedule.cpu_threads_per_worker(c.cluster) if c.cluster.kind != "inline" else 0,
         flush_planes=(p.shard_shape or p.chunk_shape)[0], skip_empty=c.skip.empty, skip_threshold=c.skip.threshold,
-        mask_path=os.path.abspath(c.skip.mask) if c.skip.mask else None, compile=c.compile,
+        mask_path=os.path.abspath(c.skip.mask) if c.skip.mask else None, compile=c.compile, tta=c.tiling.tta,
         input_level=c.level, write_threads=c.output_settings.write_threads, nan_value=c.nan_value,
     )
 

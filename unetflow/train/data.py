@@ -17,13 +17,13 @@ from unetflow.config import NormSpec
 from unetflow.errors import ShapeError
 from unetflow.geometry import Box
 from unetflow.infer import normalise, norm_stats
+from unetflow.label import INSTANCE_CLASSES
 from unetflow.train.augment import elastic, intensity_jitter, random_flip_rot
 from unetflow.train.losses import class_balance_weights, weight_map
 from unetflow.train.targets import INTERIOR, instance_to_classes, is_instance_labels
 
 log = logging.getLogger(__name__)
 
-INSTANCE_CLASSES = ("background", "interior", "border")
 
 
 @dataclass
