@@ -68,8 +68,9 @@ def otsu_watershed(image: np.ndarray, *, sigma: float, threshold_factor: float, 
 
 
 def tune_watershed(image: np.ndarray, truth: np.ndarray, score: Callable[[np.ndarray, np.ndarray], float],
-                   grid: dict[str, tuple] = WATERSHED_GRID) -> tuple[dict[str, float], float]:
-    """The grid point of :func:`otsu_watershed` with the best *score* on (*image*, *truth*)."""
+                   grid: dict[str, tuple] | None = None) -> tuple[dict[str, float], float]:
+    """The grid point of :func:`otsu_watershed` (default grid :data:`WATERSHED_GRID`) with the best *score* on (*image*, *truth*)."""
+    grid = WATERSHED_GRID if grid is None else grid
     best: tuple[dict[str, float], float] = ({}, -1.0)
     names = list(grid)
     for values in itertools.product(*(grid[n] for n in names)):
