@@ -91,14 +91,14 @@ def train_unetflow(out: str, train_args: list[str]) -> dict[str, Any]:
 
 
 def segment_unetflow(out: str, segment_args: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
-    from unetflow import store
+    from unetflow import formats
 
     args = ["segment", f"{out}/test_raw.zarr", f"{out}/pred.zarr", "--model", f"{out}/model.pt", "--output", "instances",
             "--workers", "0", "--no-progress", "--overwrite", *segment_args]
     t0 = time.perf_counter()
     subprocess.run(unetflow_cli(args), check=True, env=child_env())
     info = {"command": "unetflow " + " ".join(args), "wall_seconds": round(time.perf_counter() - t0, 1)}
-    return np.asarray(store.open_input(f"{out}/pred.zarr")[...]).astype(np.int64), info
+    return np.asarray(formats.open_input(f"{out}/pred.zarr")[...]).astype(np.int64), info
 
 
 def scored(labels: np.ndarray, truth: np.ndarray) -> dict[str, Any]:

@@ -15,7 +15,8 @@ from unetflow.errors import ConfigError
 from unetflow.infer import OutputSpec, convert_output
 from unetflow.model.predictor import NetInfo, Predictor
 from unetflow.model.testing import FixedGeometry, NearFreeSource, ScaleNetSource
-from unetflow.run import output_spec, segment
+from unetflow.resolve import output_spec
+from unetflow.run import segment
 from unetflow.telemetry import verdict
 
 

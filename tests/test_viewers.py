@@ -16,7 +16,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from unetflow import resume, store
+from unetflow import formats, resume
 from unetflow.cli import main
 from unetflow.config import ClusterSpec, OutputSettings, RunConfig, TilingSpec
 from unetflow.errors import ConfigError, InputFormatError
@@ -153,7 +153,7 @@ def test_probabilities_keep_the_level_transform_and_name_channels(tmp_path):
     node = next(iter(ome_reader.Reader(ome_io.parse_url(str(out)))()))
     assert node.metadata["channel_names"] == ["class 0", "class 1"]
     with pytest.raises(InputFormatError, match=r"3 resolution levels; pass --level 0..2, not 5"):
-        store.open_input(inp, level=5)
+        formats.open_input(inp, level=5)
 
 
 def test_class_names_colors_and_windows():

@@ -265,10 +265,10 @@ def evaluate_arrays(prediction: str, truth: str) -> dict[str, Any]:
     dict
         :func:`evaluate_report` of the two.
     """
-    from unetflow import store
+    from unetflow import formats
     from unetflow.label import instance_classes, label_whole
 
-    pred_array, true_array = store.open_input(prediction), store.open_input(truth)
+    pred_array, true_array = formats.open_input(prediction), formats.open_input(truth)
     p_shape, t_shape = tuple(pred_array.shape), tuple(true_array.shape)
     spatial = p_shape[1:] if len(p_shape) == len(t_shape) + 1 else p_shape
     if spatial != t_shape:

@@ -24,7 +24,6 @@ import itertools
 import logging
 import math
 import os
-import resource
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,9 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from unetflow import finite, store
+from unetflow import finite, formats, store
+from unetflow.memory import peak_rss
 from unetflow.blend import PlaneWindow, TensorPool
-from unetflow.config import NormSpec
+from unetflow.config import NormSpec, SkipSpec, TilingSpec
 from unetflow.geometry import Box
 from unetflow.label import INTERIOR_THRESHOLD, instance_classes, local_components
 from unetflow.model.predictor import (
@@ -77,17 +77,13 @@ class BlockJob:
     norm: NormSpec
     norm_stats: tuple[tuple[float, float], ...]
     output: OutputSpec = field(default_factory=OutputSpec)
-    mirror: str = "reflect"
-    batch_size: int = 4
+    tiling: TilingSpec = field(default_factory=TilingSpec)  # mirror mode and batch size (the plan holds the shapes)
+    skip: SkipSpec = field(default_factory=SkipSpec)  # mask path absolute
     device: str = "auto"
     amp: bool | None = None
     threads: int = 0
     flush_planes: int = 0  # write finished planes (axis 0) in multiples of this; 0: once per block
-    skip_empty: bool = False
-    skip_threshold: float | None = None  # with skip_empty: also skip blocks whose input max is below it
-    mask_path: str | None = None
     compile: bool = False
-    tta: bool = False  # every patch averaged over its axis flips (model.predictor.forward_tta)
     input_level: int | None = None
     write_threads: int = 0  # compress + write threads per worker; 0: WRITE_THREADS
     nan_value: float | None = None  # replaces NaN/Inf in raw reads (unetflow.finite.finite_block); None: refuse them
@@ -137,7 +133,7 @@ class BlockResult:
 
 @lru_cache(maxsize=8)
 def _open_input(path: str, level: int | None = None) -> Any:
-    return store.open_input(path, level=level)
+    return formats.open_input(path, level=level)
 
 
 @lru_cache(maxsize=8)
@@ -307,14 +303,14 @@ def run_block(job: BlockJob, block_id: int) -> BlockResult:
         log.debug("block %d skipped (%s)", block_id, skipped)
         return BlockResult(block_id, 0, block.write_box.size, "-", os.getpid(), seconds_wall=time.perf_counter() - t0,
                            peak_rss=peak_rss(), skipped=skipped)
-    predictor = get_predictor(job.source, device=job.device, amp=job.amp, threads=job.threads, compile=job.compile, tta=job.tta)
+    predictor = get_predictor(job.source, device=job.device, amp=job.amp, threads=job.threads, compile=job.compile, tta=job.tiling.tta)
     amp_check = predictor.check_amp(job.plan.tiling.patch)
     clock = Clock(predictor.device)
     try:
         with torch.inference_mode():
             objects = _run_block(job, block, predictor, clock)
     except torch.cuda.OutOfMemoryError:
-        raise out_of_memory(predictor.device, auto_batch_size(predictor, job.plan.tiling.patch, job.batch_size), job.plan.tiling.patch) from None
+        raise out_of_memory(predictor.device, auto_batch_size(predictor, job.plan.tiling.patch, job.tiling.batch_size), job.plan.tiling.patch) from None
     wall = time.perf_counter() - t0
     stages = clock.totals()
     log.debug("block %d write %s read %s patches %d on %s: %.3fs, %s", block_id, block.write_box, block.read_box, block.n_patches,
@@ -329,7 +325,7 @@ def _write_threads(job: BlockJob) -> int:
     return job.write_threads if job.write_threads > 0 else WRITE_THREADS
 
 
-def _run_block(job: BlockJob, block: Block, predictor: Predictor, clock: Clock) -> int:
+def _run_block(job: BlockJob, block: Block, predictor: Predictor, clock: Clock) -> int:  # long: its closures share the block's transfers, writer queue and count
     """Stream *block* through the predictor and write it; the object count (instances)."""
     moves = Transfers(predictor.device)
     writer = _pool("write", _write_threads(job))
@@ -386,7 +382,7 @@ def _run_block(job: BlockJob, block: Block, predictor: Predictor, clock: Clock) 
             writes.append(writer.submit(write, part, values, ready))
 
     try:
-        stream_block(job.plan, block, predictor, clock, read_row=read_row, emit=emit, batch_size=job.batch_size,
+        stream_block(job.plan, block, predictor, clock, read_row=read_row, emit=emit, batch_size=job.tiling.batch_size,
                      flush_planes=0 if whole else job.flush_planes, arrive=moves.arrive, row_done=moves.release)
     finally:
         with clock.host("drain"):
@@ -497,7 +493,7 @@ class RowReader:
 
     def _read(self, box: Box) -> np.ndarray:
         j = self.job
-        raw = store.read_box(self.array, box, layout=j.layout, mode=j.mirror, name=j.input_path)
+        raw = store.read_box(self.array, box, layout=j.layout, mode=j.tiling.mirror, name=j.input_path)
         return finite.finite_block(raw, nan_value=j.nan_value, name=j.input_path, box=box)  # issue 15: before normalising
 
     def __call__(self, box: Box) -> list[np.ndarray]:
@@ -520,22 +516,6 @@ class RowReader:
 
 
 _HOST_BUFFERS = TensorPool(keep=MAX_PENDING_WRITES + 1)  # rows and converted planes (CPU)
-
-
-def peak_rss() -> int:
-    """This process's peak resident set in bytes.
-
-    Linux ``VmHWM`` (reset by exec); ``ru_maxrss`` would be inherited from the
-    process that spawned the worker (the driver) and overstate a worker's peak.
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 # --- the streamed block loop -----------------------------------------------------------------
@@ -598,7 +578,7 @@ def _flush_to(write_box: Box, unit: int, next_start: int | None) -> int:
     return write_box.offset[0] + ((done - write_box.offset[0]) // unit) * unit
 
 
-def stream_block(plan: Plan, block: Block, predictor: Predictor, clock: Clock, *,
+def stream_block(plan: Plan, block: Block, predictor: Predictor, clock: Clock, *,  # long: one loop over rows, the pipeline's order in one place
                  read_row: Callable[[Box], Any], emit: Callable[[Box, PlaneWindow, int], None], batch_size: int,
                  flush_planes: int = 0, arrive: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
                  row_done: Callable[[torch.Tensor], None] | None = None) -> None:
@@ -706,9 +686,9 @@ def patch_batch(tiling: Tiling, image: torch.Tensor, image_box: Box, starts: lis
 def skip_reason(job: BlockJob, block: Block) -> str:
     """``"mask"`` if the block lies outside the foreground mask, ``"empty"`` if its
     input is constant (or below ``skip_threshold``) and ``skip_empty`` is on, else ``""``."""
-    if job.mask_path and not mask_has_foreground(job.mask_path, block.write_box, job.layout.spatial_shape):
+    if job.skip.mask and not mask_has_foreground(job.skip.mask, block.write_box, job.layout.spatial_shape):
         return "mask"
-    if job.skip_empty and input_is_empty(job, block):
+    if job.skip.empty and input_is_empty(job, block):
         return "empty"
     return ""
 
@@ -740,9 +720,9 @@ def input_is_empty(job: BlockJob, block: Block, planes: int = 64) -> bool:
     lo, hi = math.inf, -math.inf
     for z in range(rb.offset[0], rb.stop[0], planes):
         box = Box((z, *rb.offset[1:]), (min(planes, rb.stop[0] - z), *rb.shape[1:]))
-        raw = store.read_box(_open_input(job.input_path, job.input_level), box, layout=job.layout, mode=job.mirror, name=job.input_path)
+        raw = store.read_box(_open_input(job.input_path, job.input_level), box, layout=job.layout, mode=job.tiling.mirror, name=job.input_path)
         lo, hi = min(lo, float(raw.min())), max(hi, float(raw.max()))
-        below = job.skip_threshold is not None and hi < job.skip_threshold
+        below = job.skip.threshold is not None and hi < job.skip.threshold
         if hi > lo and not below:
             return False
     return True

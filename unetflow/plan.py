@@ -31,12 +31,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Iterator, Protocol, Sequence
 
-from unetflow.config import choose
+from unetflow.config import Blend
 from unetflow.errors import ShapeError
 from unetflow.geometry import Box, Shape, grid_counts, patch_index_range, patch_starts
-
-BLENDS = ("gaussian", "constant", "crop")
-
 
 class NetGeometry(Protocol):
     """What the plan needs to know of a network (see ``unetflow.model.geometry``)."""
@@ -85,7 +82,7 @@ def make_tiling(
     net: NetGeometry,
     patch: Sequence[int],
     *,
-    blend: str = "gaussian",
+    blend: Blend = "gaussian",
     overlap: float = 0.25,
     halo: Sequence[int] | None = None,
     allow_small_halo: bool = False,
@@ -102,13 +99,10 @@ def make_tiling(
         net.output_size(p)  # raises a ShapeError naming the nearest valid sizes
     if net.padding == "valid":
         return _tile_tiling(net, patch)
-    mode = choose(blend, BLENDS, what="blend mode")
-    if mode == "crop":
+    if blend == "crop":  # blend and overlap were checked once, by config.TilingSpec
         return _crop_tiling(net, patch, halo, allow_small_halo)
-    if not 0.0 <= overlap < 1.0:
-        raise ShapeError(f"overlap {overlap} must be in [0, 1); 0.25 or 0.5 are usual")
     step = tuple(max(1, p - int(round(p * overlap))) for p in patch)
-    return Tiling("blend", patch, patch, step, (0,) * len(patch), (0,) * len(patch), mode)
+    return Tiling("blend", patch, patch, step, (0,) * len(patch), (0,) * len(patch), blend)
 
 
 def _aligned_step(tile: int, multiple: int, *, what: str) -> int:

@@ -1,7 +1,7 @@
 """Checks of a segmentation's settings before any work (issue 15): touches nothing.
 
 :func:`check` runs before the model loads or a cluster starts (the CLI calls it first,
-:func:`unetflow.run.prepare` again): where the output lies against the input, mask and
+:func:`unetflow.resolve.resolve` again): where the output lies against the input, mask and
 model; what ``--overwrite`` would remove; whether the output exists; whether its
 location is writable; whether the device exists. Torch is imported only when a GPU or
 a named device is asked for. Checks that need the image and the plan (zero-size

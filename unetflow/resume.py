@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import resource
 import shutil
 import socket
 import threading
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from unetflow.errors import ConfigError, LockedError, OutputWriteError
+from unetflow.memory import peak_rss
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def is_unetflow_output(output: str | os.PathLike[str]) -> bool:
 
 IGNORED = {
     # where and how a run executes does not change what it writes
-    ("output",), ("model",), ("cluster",), ("dry_run",), ("resume",), ("part",), ("device",),
+    ("output",), ("model",), ("cluster",), ("dry_run",), ("resume",), ("part",), ("device",), ("tuning",),
     ("output_settings", "overwrite"), ("output_settings", "write_threads"), ("tiling", "batch_size"),
 }
 
@@ -267,7 +267,7 @@ class MarkDone:
             if err.errno not in STORAGE_ERRNOS:
                 raise
             raise OutputWriteError(storage_failure(job, block_id, err)) from None
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        peak = peak_rss()
         return Outcome(result, host, pid, job_id, peak)
 
 
@@ -410,15 +410,6 @@ def acquire(run_dir: RunDir, part: tuple[int, int] | None, *, takeover: bool) ->
             json.dump(holder, f)
         return Lock(path, holder)
     raise LockedError(f"could not take the lock {path}; another run keeps taking it")
-
-
-@contextlib.contextmanager
-def locked(run_dir: RunDir, part: tuple[int, int] | None, *, takeover: bool) -> Iterator[Lock]:
-    lock = acquire(run_dir, part, takeover=takeover)
-    try:
-        yield lock
-    finally:
-        lock.release()
 
 
 # ---- the run report ----------------------------------------------------------------
