@@ -18,7 +18,8 @@ ROOMS = {
     "h5py": ("store", "formats"),
     "distributed": ("schedule",),
     "dask_jobqueue": ("schedule",),
-    "torch": ("model", "infer", "blend", "telemetry", "train", "run_train"),
+    "torch": ("model", "infer", "blend", "telemetry", "train", "export"),
+    "bioimageio": ("model.zoo", "export"),  # an optional extra (issue 19): model/zoo.py and export.py only
 }
 LEAVES = ("geometry", "config", "errors")
 
@@ -33,7 +34,7 @@ FLOW = (
     ("output",),
     ("resolve",),
     ("preflight",),
-    ("train",),
+    ("train", "export"),
     ("evaluate",),
     ("schedule",),
     ("worker",),
@@ -140,8 +141,16 @@ def test_no_print_in_library_code():
                 pytest.fail(f"unetflow.{name} calls print at line {node.lineno}; use logging")
 
 
+def test_core_rooms_type_check():
+    """mypy passes on the core rooms listed in pyproject.toml ([tool.mypy] files)."""
+    pytest.importorskip("mypy", reason="mypy is in the test extra: pip install -e '.[test]'")
+    root = PKG.parent
+    done = subprocess.run([sys.executable, "-m", "mypy"], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+
+
 def test_ruff_clean():
-    """The lint rules of ruff.toml hold everywhere (the same check a developer runs)."""
+    """The lint rules of pyproject.toml ([tool.ruff]) hold everywhere (the same check a developer runs)."""
     import subprocess
     import sys
 

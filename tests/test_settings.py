@@ -50,6 +50,7 @@ FLAGS = {
     "part": (["--part", "2/3"], (2, 3)),
     "nan_value": (["--nan-value", "0"], 0.0),
     "tuning": (["--tuning"], True),
+    "trust_model_code": (["--trust-model-code"], True),
 }
 
 

@@ -380,6 +380,7 @@ class RunConfig:
     part: tuple[int, int] | None = None
     nan_value: float | None = None  # replaces NaN and Inf in the input (unetflow.finite); None: refuse them
     tuning: bool = False  # unetflow.tuning: allocator and Dask housekeeping settings, opt-in
+    trust_model_code: bool = False  # a bioimage.io package may run Python code it carries (issue 19)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", parse_device(self.device))
@@ -449,7 +450,7 @@ class Setting:
 
 def _sections(cls: type) -> dict[str, type]:
     """The fields of *cls* that are settings sections (frozen dataclasses)."""
-    out = {}
+    out: dict[str, type] = {}
     for f in dataclasses.fields(cls):
         factory = f.default_factory
         if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):

@@ -42,6 +42,7 @@ from unetflow.config import NormSpec, SkipSpec, TilingSpec
 from unetflow.geometry import Box
 from unetflow.label import INTERIOR_THRESHOLD, instance_classes, local_components
 from unetflow.model.predictor import (
+    NetSource,
     Predictor,
     auto_batch_size,
     get_predictor,
@@ -73,7 +74,7 @@ class BlockJob:
     output_path: str
     plan: Plan
     layout: store.Layout
-    source: Any
+    source: NetSource
     norm: NormSpec
     norm_stats: tuple[tuple[float, float], ...]
     output: OutputSpec = field(default_factory=OutputSpec)

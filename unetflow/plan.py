@@ -29,21 +29,13 @@ import math
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Sequence
 
 from unetflow.config import Blend
 from unetflow.errors import ShapeError
-from unetflow.geometry import Box, Shape, grid_counts, patch_index_range, patch_starts
+from unetflow.geometry import Box, NetGeometry, Shape, grid_counts, patch_index_range, patch_starts
 
-class NetGeometry(Protocol):
-    """What the plan needs to know of a network (see ``unetflow.model.geometry``)."""
-
-    padding: str
-    input_multiple: int
-    margin: int
-    receptive_radius: int
-
-    def output_size(self, n: int) -> int: ...
+__all__ = ["NetGeometry"]  # re-exported: the plan is where it is used
 
 
 @dataclass(frozen=True)

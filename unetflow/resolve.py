@@ -16,11 +16,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from unetflow import finite, formats, preflight, schedule, store
-from unetflow.config import NormSpec, RunConfig, fit_shape
+from unetflow.config import ModelSpec, NormSpec, RunConfig, fit_shape
 from unetflow.errors import ConfigError, InputFormatError, OutputWriteError, ShapeError
 from unetflow.infer import WRITE_THREADS, BlockJob, OutputSpec, norm_stats
 from unetflow.model.geometry import activation_bytes
-from unetflow.model.predictor import CheckpointSource, NetInfo, NetSource, net_info
+from unetflow.model.predictor import NetInfo, NetSource, model_source, net_info
 from unetflow.plan import Plan, make_tiling
 
 log = logging.getLogger(__name__)
@@ -77,11 +77,12 @@ class RunPlan:
 def resolve(config: RunConfig, *, source: NetSource | None = None) -> RunPlan:
     """Check the input, the model and the settings; derive the plan. Touches nothing."""
     preflight.check(config)
-    source = source or CheckpointSource(config.model)
+    source = source or model_source(config.model, trust_code=config.trust_model_code)
     net = source.load()
     info = net_info(net)
-    spec = net.spec.to_dict() if hasattr(net, "spec") else None
-    norm = net.spec.norm if hasattr(net, "spec") else getattr(net, "norm", None) or _no_norm()
+    model_spec: ModelSpec | None = getattr(net, "spec", None)  # a UNet's; oracle and package nets have none
+    spec = model_spec.to_dict() if model_spec is not None else None
+    norm: NormSpec = model_spec.norm if model_spec is not None else getattr(net, "norm", None) or _no_norm()
     array = formats.open_input(config.input, level=config.level)
     layout = store.layout_for(array, info.dims, name=config.input)
     check_image(array, layout, name=config.input)
@@ -316,7 +317,7 @@ def make_job(p: RunPlan, stats: Sequence[Sequence[float]], output_path: str) -> 
     c = p.config
     return BlockJob(
         input_path=store.absolute_input(c.input), output_path=output_path, plan=p.plan, layout=p.layout,
-        source=p.source, norm=p.norm, norm_stats=tuple(tuple(s) for s in stats), output=p.output,
+        source=p.source, norm=p.norm, norm_stats=tuple((float(s[0]), float(s[1])) for s in stats), output=p.output,
         tiling=c.tiling, skip=c.skip, device=c.device, amp=c.amp, compile=c.compile,
         threads=schedule.cpu_threads_per_worker(c.cluster) if c.cluster.kind != "inline" else 0,
         flush_planes=(p.shard_shape or p.chunk_shape)[0], input_level=c.level,

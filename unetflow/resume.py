@@ -158,7 +158,7 @@ def is_unetflow_output(output: str | os.PathLike[str]) -> bool:
 
 IGNORED = {
     # where and how a run executes does not change what it writes
-    ("output",), ("model",), ("cluster",), ("dry_run",), ("resume",), ("part",), ("device",), ("tuning",),
+    ("output",), ("model",), ("cluster",), ("dry_run",), ("resume",), ("part",), ("device",), ("tuning",), ("trust_model_code",),
     ("output_settings", "overwrite"), ("output_settings", "write_threads"), ("tiling", "batch_size"),
 }
 

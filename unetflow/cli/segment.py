@@ -30,7 +30,8 @@ def setting_option(*decls: str, path: str, **kwargs: Any) -> Callable[[Any], Any
 @click.command()
 @click.argument("input_path", metavar="INPUT")
 @click.argument("output_path", metavar="OUTPUT")
-@click.option("--model", "model", required=True, type=click.Path(dir_okay=False), help="A unetflow checkpoint (.pt): `unetflow model init` or `unetflow train` makes one.")
+@click.option("--model", "model", required=True, type=click.Path(), help="A unetflow checkpoint (.pt: `unetflow model init` or `unetflow train` makes one), or a bioimage.io model package (.zip, rdf.yaml or its folder).")
+@setting_option("--trust-model-code", path="trust_model_code", is_flag=True, help="Let a bioimage.io package run Python code it carries (an architecture file). Without it such packages are refused; torchscript and unetflow architectures need no code.")
 @setting_option("--workers", path="cluster.workers", type=int, show_default=True, help="CPU workers. Each holds one block and one model (more workers: more memory) and uses cores/N of the CPU. One worker runs as threads of this process; several get a process each (see --processes). 0 runs blocks in this process without Dask (debugging).")
 @setting_option("--gpus", path="cluster.gpus", type=int, show_default=True, help="One worker process per GPU, each pinned with CUDA_VISIBLE_DEVICES. Overrides --workers.")
 @setting_option("--processes/--threads", path="cluster.processes", help="CPU workers as processes of their own, or as threads of this process [default: threads for one worker, processes for several]. A process costs a second start of torch (~2 s) and its memory, and buys a nanny that restarts a worker past its memory limit, and glibc settings at start.")
@@ -87,6 +88,7 @@ def segment(input_path: str, output_path: str, model: str, progress: bool, verbo
       unetflow segment raw.zarr pred.zarr --model unet.pt --config pipelines/configs/slurm.yaml
       unetflow segment raw.zarr pred.zarr --model unet.pt --resume      # after a crash or a lost job
       unetflow segment raw.zarr pred.zarr --model unet.pt --part 3/8    # one of 8 independent jobs
+      unetflow segment raw.zarr pred.zarr --model zoo-model.bioimageio.zip   # a bioimage.io package
     """
     setup_logging(verbose)
     from unetflow.config import from_flags, load_yaml

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from unetflow.errors import ConfigError
+from unetflow.geometry import NetGeometry
 from unetflow.model.geometry import activation_bytes
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,23 @@ class CheckpointSource:
         return {"kind": "checkpoint", "path": os.path.abspath(self.path)}
 
 
+def model_source(path: str, *, trust_code: bool = False) -> NetSource:
+    """The source for ``--model PATH``: a bioimage.io package (a .zip holding an
+    rdf.yaml, the yaml, or a folder; :mod:`unetflow.model.zoo`) or a unetflow checkpoint."""
+    from unetflow.model import zoo
+
+    if zoo.is_package(path):
+        return zoo.PackageSource(path, trust_code=trust_code)
+    from unetflow.errors import InputNotFoundError
+
+    if os.path.isdir(path):
+        raise InputNotFoundError(f"model folder {path} holds no rdf.yaml or bioimageio.yaml; pass a unetflow checkpoint (.pt) "
+                                 "or a bioimage.io package (.zip, rdf.yaml or its unpacked folder)")
+    if not os.path.exists(path) and path.endswith((".zip", ".yaml")):
+        raise InputNotFoundError(f"model package {path} does not exist; check the path")
+    return CheckpointSource(path)
+
+
 @dataclass(frozen=True)
 class NetInfo:
     """What the driver and the block code need to know about a loaded network."""
@@ -54,7 +72,7 @@ class NetInfo:
     in_channels: int
     classes: int
     activation: str  # softmax, sigmoid or none
-    geometry: Any
+    geometry: NetGeometry
 
 
 def net_info(net: torch.nn.Module) -> NetInfo:
