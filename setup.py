@@ -53,7 +53,7 @@ setup(
         # bioimage.io model packages: `unetflow model export`, `segment --model pkg.zip` (issue 19)
         "bioimageio": ["bioimageio.spec>=0.5.12", "bioimageio.core>=0.11"],
         # bench/run.py compares against MONAI's sliding_window_inference (issue 6)
-        "bench": ["monai>=1.3"],
+        "bench": ["monai>=1.3", "scikit-image>=0.21"],  # bench/classical.py: the watershed baseline of bench/real_nuclei.py
     },
     entry_points={"console_scripts": ["unetflow=unetflow.cli:main"]},
 )

@@ -189,6 +189,12 @@ TABLE = [
         check="completed:pred.zarr"),
     Row("instances scratch taken", ["segment", "{w}/in.zarr", "{w}/busy.zarr", *M3, *FAST, "--output", "instances"], 1,
         r"instances scratch .*busy\.zarr\.instances-scratch exists and is a folder of 1 entry"),
+    # --- issue 16: instances need an instance model; evaluate needs one shape ------------
+    Row("instances from a non-instance model", ["segment", "{w}/in.zarr", "{w}/o_inst.zarr", *M3, *FAST, "--output", "instances"], 1,
+        r"--output instances needs a model with the classes background, interior, border, but model .*m3\.pt has 2 classes "
+        r"\(unnamed\); train one .*--targets instances"),
+    Row("evaluate, other shapes", ["evaluate", "{w}/one.zarr", "{w}/labels.zarr"], 1,
+        r"prediction .*one\.zarr has shape \(1, 1\) \(labels\) but truth .*labels\.zarr has shape \(37, 45\)"),
     Row("convert over user folder", ["convert", "{w}/in.zarr", "{w}/userdir", "--overwrite", "--no-progress"], 1, r"userdir exists and is a folder"),
     Row("convert over itself", ["convert", "{w}/in.zarr", "{w}/in.zarr", "--overwrite", "--no-progress"], 1, r"is the input"),
     Row("convert over own", ["convert", "{w}/in.zarr", "{w}/converted.zarr", "--overwrite", "--no-progress"], 0, None, unchanged=("in.zarr", "converted.zarr")),

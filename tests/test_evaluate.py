@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from unetflow.errors import ConfigError, ShapeError
-from unetflow.evaluate import contingency, evaluate, foreground_iou, match_objects, rand_error
+from unetflow.evaluate import (
+    average_precision, contingency, evaluate, evaluate_report, foreground_iou, format_report, match_objects, matching_curve, rand_error,
+)
 from unetflow.label import label_whole as label_instances_from_classes
 from unetflow.sample import make_sample
 from unetflow.train.targets import instance_to_classes
@@ -158,3 +160,79 @@ def test_seedless_border_is_dropped_and_background_separates():
 def test_no_seeds_at_all():
     assert label_instances_from_classes(np.zeros((3, 3), dtype=np.uint8)).max() == 0
     assert label_instances_from_classes(np.full((2, 2), 2)).max() == 0
+
+
+# ---------------------------------------------------------------- IoU thresholds, AP, matched IoU (issue 16)
+
+
+def shifted_squares():
+    """Five 10x10 true squares; predictions shifted by 0, 1, 2, 3 px along x (IoU (10-k)/(10+k)),
+    the fifth true square missed, and one predicted square where nothing is."""
+    true = np.zeros((12, 100), dtype=np.uint32)
+    pred = np.zeros_like(true)
+    for k in range(5):
+        true[1:11, 5 + 18 * k : 15 + 18 * k] = k + 1
+    for k in range(4):
+        pred[1:11, 5 + 18 * k + k : 15 + 18 * k + k] = 10 + k
+    pred[0:4, 95:99] = 99  # the false positive
+    return pred, true
+
+
+def test_per_threshold_counts_are_exact():
+    pred, true = shifted_squares()
+    ious = [1.0, 9 / 11, 8 / 12, 7 / 13]
+    curve = matching_curve(pred, true)
+    assert [c["threshold"] for c in curve] == [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
+    for c in curve:
+        tp = sum(i > c["threshold"] for i in ious)
+        assert (c["tp"], c["fp"], c["fn"]) == (tp, 5 - tp, 5 - tp)
+        assert c["precision"] == pytest.approx(tp / 5) and c["recall"] == pytest.approx(tp / 5)
+        assert c["f1"] == pytest.approx(2 * tp / 10)
+        assert c["accuracy"] == pytest.approx(tp / (10 - tp))
+        assert c["mean_matched_iou"] == pytest.approx(np.mean([i for i in ious if i > c["threshold"]]))
+    tps = [4, 3, 3, 3, 2, 2, 2, 1, 1, 1]
+    assert [c["tp"] for c in curve] == tps
+    assert average_precision(curve) == pytest.approx(np.mean([t / (10 - t) for t in tps]))
+
+
+def test_evaluate_reports_ap_and_matched_iou():
+    pred, true = shifted_squares()
+    report = evaluate_report(pred, true)
+    s = report["scores"]
+    assert (s["tp"], s["fp"], s["fn"], s["n_pred"], s["n_true"]) == (4, 1, 1, 5, 5)
+    assert s["accuracy"] == pytest.approx(4 / 6)
+    assert s["mean_matched_iou"] == pytest.approx(np.mean([1.0, 9 / 11, 8 / 12, 7 / 13]))
+    assert s["ap"] == pytest.approx(average_precision(report["per_threshold"]))
+    assert evaluate(pred, true) == s
+    table = format_report(report)
+    assert "0.95" in table and "accuracy" in table and table.count("\n") > 10
+
+
+def test_perfect_and_empty_curves():
+    true = squares(3)
+    assert all(c["accuracy"] == 1.0 and c["mean_matched_iou"] == 1.0 for c in matching_curve(true * 7, true))
+    empty = np.zeros_like(true)
+    assert average_precision(matching_curve(empty, empty)) == 1.0
+    miss = matching_curve(empty, true)
+    assert all((c["tp"], c["fn"], c["accuracy"], c["mean_matched_iou"]) == (0, 3, 0.0, 0.0) for c in miss)
+
+
+def test_cli_evaluate_table_json_and_shapes(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from conftest import write_zarr
+    from unetflow.cli import main
+
+    pred, true = shifted_squares()
+    p, t = write_zarr(tmp_path / "p.zarr", pred), write_zarr(tmp_path / "t.zarr", true)
+    out = CliRunner().invoke(main, ["evaluate", p, t, "--json"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.output)
+    assert report["scores"]["tp"] == 4 and len(report["per_threshold"]) == 10 and report["per_threshold"][-1]["tp"] == 1
+    text = CliRunner().invoke(main, ["evaluate", p, t])
+    assert text.exit_code == 0 and "mean_matched_iou" in text.output and " 0.75 " in text.output
+    other = write_zarr(tmp_path / "o.zarr", true[:, :90])
+    bad = CliRunner().invoke(main, ["evaluate", p, other])
+    assert bad.exit_code == 1 and "(12, 100)" in bad.output and "(12, 90)" in bad.output

@@ -24,6 +24,7 @@ FLAGS = {
     "tiling.allow_small_halo": (["--allow-small-halo"], True),
     "tiling.mirror": (["--mirror", "symmetric"], "symmetric"),
     "tiling.batch_size": (["--batch-size", "3"], 3),
+    "tiling.tta": (["--tta"], True),
     "output_settings.kind": (["--output", "labels"], "labels"),
     "output_settings.dtype": (["--dtype", "float16"], "float16"),
     "output_settings.chunk_shape": (["--chunk-shape", "16,16"], (16, 16)),

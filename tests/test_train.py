@@ -114,3 +114,18 @@ def test_demo_finds_touching_nuclei_with_the_bundled_model(tmp_path):
     result = run_demo(str(tmp_path / "demo"), (48, 128, 128), workers=2, seed=1)
     assert result["objects_true"] == 27
     assert result["object_f1"] >= 0.9 and result["foreground_iou"] >= 0.9
+
+
+def test_cosine_schedule_is_a_function_of_the_step(tmp_path, sample2d):
+    from unetflow.train.loop import learning_rate_at
+
+    s = spec(sample2d, tmp_path / "cos.pt", epochs=2, lr_schedule="cosine")
+    rates = [learning_rate_at(s, i) for i in range(8)]
+    assert rates[0] == s.learning_rate and all(a > b > 0 for a, b in zip(rates, rates[1:]))
+    assert learning_rate_at(s, 4) == pytest.approx(s.learning_rate / 2)  # half-way
+    train(s, progress=False)
+    train(spec(sample2d, tmp_path / "cos2.pt", epochs=2, lr_schedule="cosine"), progress=False)
+    train(spec(sample2d, tmp_path / "const.pt", epochs=2), progress=False)
+    a, b, c = (weights(tmp_path / f"{n}.last.pt") for n in ("cos", "cos2", "const"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same schedule, same weights
+    assert any(not torch.equal(a[k], c[k]) for k in a)

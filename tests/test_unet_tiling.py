@@ -88,3 +88,44 @@ def test_same_unet_crop_with_full_halo_equals_whole_image(tmp_path):
     ref = ref[:, r : r + 30, r : r + 33]
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6)
     np.testing.assert_allclose(many, ref, rtol=0, atol=2e-6)
+
+
+def test_tta_averages_the_flips_and_stays_independent_of_blocks(tmp_path):
+    # Predictor level, an exact oracle: flip(conv_k(flip(x))) = conv_flip(k)(x) for a zero-padded
+    # convolution, so the TTA of conv_k is the convolution with k averaged over the 4 flips
+    from unetflow.model.predictor import Predictor, flip_sets
+    from unetflow.model.testing import FixedGeometry
+
+    class Conv(torch.nn.Module):
+        dims, in_channels, classes, activation = 2, 1, 1, "none"
+        geometry = FixedGeometry("same")
+
+        def __init__(self, kernel):
+            super().__init__()
+            self.kernel = kernel
+
+        def forward(self, x):
+            return torch.nn.functional.conv2d(x, self.kernel, padding=2)
+
+    kernel = torch.randn(1, 1, 5, 5, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 1, 16, 12, generator=torch.Generator().manual_seed(1))
+    sym = sum(torch.flip(kernel, a) if a else kernel for a in flip_sets(2)) / 4
+    got = Predictor(Conv(kernel), device=torch.device("cpu"), amp=False, tta=True).run(x)
+    torch.testing.assert_close(got, torch.nn.functional.conv2d(x, sym, padding=2), rtol=0, atol=1e-5)
+    plain = Predictor(Conv(kernel), device=torch.device("cpu"), amp=False).run(x)
+    assert (plain - got).abs().max() > 0.1
+    # through the engine: a real U-Net with --tta, tiny blocks == one block (one global patch order)
+    data = (random_image((19, 33, 17), dtype="float32") - 100.0) / 20.0
+    inp = write_zarr(tmp_path / "in.zarr", data)
+    model, _ = make_checkpoint(tmp_path / "m.pt", dims=3, padding="same", depth=2, width=4)
+
+    def run_tta(out, block, tta=True):
+        config = RunConfig(input=inp, output=str(tmp_path / out), model=model,
+                           tiling=TilingSpec(block_shape=block, patch_shape=(8, 12, 8), batch_size=2, tta=tta),
+                           output_settings=OutputSettings(chunk_shape=(8, 8, 8)), cluster=ClusterSpec(kind="inline"))
+        segment(config, progress=False)
+        return zarr.open_array(str(tmp_path / out))[:]
+
+    one, many = run_tta("one.zarr", (24, 40, 24)), run_tta("many.zarr", (8, 8, 8))
+    np.testing.assert_array_equal(many, one)
+    assert np.abs(one - run_tta("plain.zarr", (24, 40, 24), tta=False)).max() > 1e-4

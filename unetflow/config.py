@@ -29,6 +29,7 @@ ClusterKind = Literal["local", "inline", "address", "slurm", "pbs", "lsf", "sge"
 JobqueueKind = Literal["slurm", "pbs", "lsf", "sge", "htcondor"]
 Targets = Literal["auto", "instances", "classes"]
 Loss = Literal["ce", "dice", "ce+dice"]
+LrSchedule = Literal["cosine", "constant"]
 
 PADDINGS: tuple[str, ...] = get_args(Padding)
 NORMALISATIONS: tuple[str, ...] = get_args(Normalisation)
@@ -41,6 +42,7 @@ CLUSTER_KINDS: tuple[str, ...] = get_args(ClusterKind)
 JOBQUEUE_KINDS: tuple[str, ...] = get_args(JobqueueKind)
 TARGET_KINDS: tuple[str, ...] = get_args(Targets)
 LOSSES: tuple[str, ...] = get_args(Loss)
+LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 
 
 def choose(value: str, options: Sequence[str], *, what: str) -> str:
@@ -222,6 +224,7 @@ class TilingSpec:
     allow_small_halo: bool = False
     mirror: Mirror = "reflect"
     batch_size: int = 0  # 0: chosen from the device (model.predictor.auto_batch_size)
+    tta: bool = False  # test-time augmentation: every patch averaged over all axis flips (model.predictor.forward_tta)
 
     def __post_init__(self) -> None:
         _parse_shapes(self, "block_shape", "patch_shape", "halo")
@@ -588,6 +591,7 @@ class TrainSpec:
     steps_per_epoch: int = 50
     batch_size: int = 4
     learning_rate: float = 1e-3
+    lr_schedule: LrSchedule = "constant"  # cosine: from learning_rate down to 0 over all steps (train.loop.learning_rate_at)
     loss: Loss = "ce"
     w0: float = 10.0
     sigma: float = 5.0
@@ -605,6 +609,7 @@ class TrainSpec:
         object.__setattr__(self, "device", parse_device(self.device))
         object.__setattr__(self, "targets", choose(self.targets, TARGET_KINDS, what="targets"))
         object.__setattr__(self, "loss", choose(self.loss, LOSSES, what="loss"))
+        object.__setattr__(self, "lr_schedule", choose(self.lr_schedule, LR_SCHEDULES, what="learning-rate schedule"))
         object.__setattr__(self, "pairs", tuple(tuple(p) for p in self.pairs))
         if not self.pairs:
             raise ConfigError("training needs at least one image:labels pair")

@@ -120,7 +120,7 @@ def run_block(job: BlockJob, block_id: int) -> BlockResult:
         log.debug("block %d skipped (%s)", block_id, skipped)
         return BlockResult(block_id, 0, block.write_box.size, "-", os.getpid(), seconds_wall=time.perf_counter() - t0,
                            peak_rss=peak_rss(), skipped=skipped)
-    predictor = get_predictor(job.source, device=job.device, amp=job.amp, threads=job.threads, compile=job.compile)
+    predictor = get_predictor(job.source, device=job.device, amp=job.amp, threads=job.threads, compile=job.compile, tta=job.tiling.tta)
     amp_check = predictor.check_amp(job.plan.tiling.patch)
     clock = Clock(predictor.device)
     try:

@@ -32,13 +32,36 @@ from dataclasses import dataclass
 import numpy as np
 
 from unetflow import store
+from unetflow.errors import ConfigError
 from unetflow.geometry import Box
 from unetflow.plan import Plan
 
 BACKGROUND, INTERIOR, BORDER_CLASS = 0, 1, 2
+INSTANCE_CLASSES = ("background", "interior", "border")  # the class names of a model trained on instance labels
 BORDER = np.uint64(np.iinfo(np.uint64).max)  # scratch marker: a border voxel, not yet labelled
 GROW_STEPS = 3
 INTERIOR_THRESHOLD = 0.8
+
+
+def check_instance_model(model: str, classes: int, class_names: tuple[str, ...] | None) -> None:
+    """Refuse ``--output instances`` with a model whose classes are not background / interior / border.
+
+    *class_names* is None for a network without a spec (a test oracle): then 3 classes pass.
+
+    Raises
+    ------
+    ConfigError
+        Naming the model's classes and how to train an instance model.
+    """
+    ok = classes == 3 if class_names is None else tuple(class_names) == INSTANCE_CLASSES
+    if ok:
+        return
+    names = ", ".join(class_names) if class_names else "unnamed"
+    raise ConfigError(
+        f"--output instances needs a model with the classes {', '.join(INSTANCE_CLASSES)}, but model {model} has {classes} "
+        f"classes ({names}); train one on instance labels with `unetflow train RAW LABELS MODEL --targets instances`, "
+        "or use --output labels or probabilities"
+    )
 
 
 def instance_classes(probabilities: np.ndarray, interior_threshold: float = INTERIOR_THRESHOLD) -> np.ndarray:

@@ -101,7 +101,12 @@ def resolve(config: RunConfig, *, source: NetSource | None = None) -> RunPlan:
     plan = Plan(layout.spatial_shape, block, tiling)
     if config.skip.mask:  # workers may run elsewhere (batch jobs): paths made absolute once, here
         config = replace(config, skip=replace(config.skip, mask=os.path.abspath(config.skip.mask)))
-    return RunPlan(config, info, spec, norm, layout, plan, chunks, shards, output_spec(config, info), source, array)
+    output = output_spec(config, info)
+    if config.output_settings.kind == "instances":  # before any work (issue 16)
+        from unetflow.label import check_instance_model
+
+        check_instance_model(config.model, info.classes, tuple(spec.get("class_names") or ()) if spec is not None else None)
+    return RunPlan(config, info, spec, norm, layout, plan, chunks, shards, output, source, array)
 
 
 def check_image(array: Any, layout: store.Layout, *, name: str) -> None:

@@ -35,6 +35,7 @@ def _pairs(args: tuple[str, ...]) -> tuple[tuple[tuple[str, str], ...], str]:
 @click.option("--steps", "steps_per_epoch", type=int, default=50, show_default=True, help="Batches per epoch.")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--lr", "learning_rate", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default="constant", show_default=True, help="cosine: the learning rate falls from --lr to 0 over all epochs (a stable last epoch); constant: --lr throughout.")
 @click.option("--loss", type=click.Choice(["ce", "dice", "ce+dice"]), default="ce", show_default=True, help="ce: the paper's weighted cross-entropy with the border term.")
 @click.option("--w0", type=float, default=10.0, show_default=True, help="Border weight of the paper's eq. 2. Higher: stronger push to separate touching objects.")
 @click.option("--sigma", type=float, default=5.0, show_default=True, help="Border width (px) of eq. 2.")
@@ -50,7 +51,7 @@ def _pairs(args: tuple[str, ...]) -> tuple[tuple[tuple[str, str], ...], str]:
 @click.option("-v", "--verbose", count=True)
 @friendly_errors
 def train(args: tuple[str, ...], dims: str, padding: str, depth: int, width: int, channels: int, norm: str, targets: str,
-          patch_shape: str | None, epochs: int, steps_per_epoch: int, batch_size: int, learning_rate: float, loss: str,
+          patch_shape: str | None, epochs: int, steps_per_epoch: int, batch_size: int, learning_rate: float, lr_schedule: str, loss: str,
           w0: float, sigma: float, elastic_strength: float, val_fraction: float, seed: int, resume: bool, init: str | None,
           overwrite: bool, device: str, amp: bool | None, progress: bool, verbose: int) -> None:
     """Train a U-Net with the paper's recipe: RAW LABELS MODEL, or RAW:LABELS [...] MODEL.
@@ -87,7 +88,7 @@ def train(args: tuple[str, ...], dims: str, padding: str, depth: int, width: int
         pairs=pairs, output=model_path,
         model=ModelSpec(dims=int(dims), in_channels=channels, padding=padding, depth=depth, width=width, norm=NormSpec(kind=norm)),
         targets=targets, patch_shape=shape_option(patch_shape, "patch shape"), epochs=epochs, steps_per_epoch=steps_per_epoch,
-        batch_size=batch_size, learning_rate=learning_rate, loss=loss, w0=w0, sigma=sigma, elastic_strength=elastic_strength,
+        batch_size=batch_size, learning_rate=learning_rate, lr_schedule=lr_schedule, loss=loss, w0=w0, sigma=sigma, elastic_strength=elastic_strength,
         val_fraction=val_fraction, seed=seed, resume=resume, init=init, device=device, amp=amp,
     )
     from unetflow.model.devices import check_device
@@ -121,23 +122,23 @@ def sample(path: str, dims: str, shape: str | None, seed: int, overwrite: bool) 
 @click.command()
 @click.argument("prediction")
 @click.argument("truth")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="The scores and the per-threshold table as JSON.")
 @friendly_errors
 def evaluate(prediction: str, truth: str, as_json: bool) -> None:
-    """Score PREDICTION against TRUTH instance labels: foreground IoU, object P/R/F1 at IoU 0.5, Rand error.
+    """Score PREDICTION against TRUTH instance labels: object P/R/F1 at IoU 0.5, AP, matched IoU, Rand error.
 
     PREDICTION may be instance labels, a class map, or probabilities (C, ...): class
     maps from instance-trained models (background/interior/border) are turned into
-    instances first. Reads both arrays into memory.
+    instances first. Objects match one-to-one when their IoU is above the threshold.
+    Prints foreground IoU, Rand error, tp/fp/fn, precision, recall, F1, accuracy
+    (tp / (tp + fp + fn)) and the mean matched IoU at IoU 0.5, ap (the mean accuracy
+    over IoU 0.5:0.05:0.95, as the DSB 2018, stardist and cellpose papers report it),
+    then the table per IoU threshold. Reads both arrays into memory.
     """
-    from unetflow.evaluate import evaluate_arrays
+    from unetflow.evaluate import evaluate_arrays, format_report
 
-    scores = evaluate_arrays(prediction, truth)
-    if as_json:
-        click.echo(json.dumps(scores, indent=2))
-        return
-    for key, value in scores.items():
-        click.echo(f"{key:18s} {value:.4f}" if isinstance(value, float) else f"{key:18s} {value}")
+    report = evaluate_arrays(prediction, truth)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
 @click.command()

@@ -124,8 +124,10 @@ class Predictor:
     :meth:`check_amp`; on a CPU *lanes* forward passes run side by side, one torch thread each.
     """
 
-    def __init__(self, net: torch.nn.Module, *, device: torch.device, amp: bool, compile: bool = False, lanes: int = 1) -> None:
+    def __init__(self, net: torch.nn.Module, *, device: torch.device, amp: bool, compile: bool = False, lanes: int = 1,
+                 tta: bool = False) -> None:
         self.info = net_info(net)
+        self.tta = tta  # average the outputs over every flip of the spatial axes (see forward_tta)
         self.device = device
         self.amp = amp
         self.amp_check: dict[str, Any] | None = None  # what check_amp measured
@@ -169,16 +171,22 @@ class Predictor:
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=self.memory_format)
             with clock.device("forward") if clock is not None else contextlib.nullcontext():
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=use_amp):
-                    y = self.forward(x)
-                y = y.float()
-                if self.info.activation == "softmax":
-                    y = torch.softmax(y, dim=1)
-                elif self.info.activation == "sigmoid":
-                    y = torch.sigmoid(y)
-            return y
+                if not self.tta:
+                    return self._activated(x, use_amp)
+                return forward_tta(lambda v: self._activated(v, use_amp), x)
         except torch.cuda.OutOfMemoryError:
             raise out_of_memory(self.device, batch.shape[0], tuple(batch.shape[2:])) from None
+
+    def _activated(self, x: torch.Tensor, use_amp: bool) -> torch.Tensor:
+        """The net's float32 output of *x*, through its activation."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=use_amp):
+            y = self.forward(x)
+        y = y.float()
+        if self.info.activation == "softmax":
+            return torch.softmax(y, dim=1)
+        if self.info.activation == "sigmoid":
+            return torch.sigmoid(y)
+        return y
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """*batch*: ndarray float32 of shape (B, C, *patch) -> (B, K, *out) float32 ndarray.
@@ -220,6 +228,32 @@ class Predictor:
         return self.amp_check
 
 
+def flip_sets(dims: int) -> list[tuple[int, ...]]:
+    """Every subset of the *dims* spatial axes of a (B, C, *S) batch: 4 flips in 2-D, 8 in 3-D.
+
+    >>> flip_sets(2)
+    [(), (2,), (3,), (2, 3)]
+    """
+    axes = range(2, 2 + dims)
+    return [tuple(a for a in axes if mask >> (a - 2) & 1) for mask in range(2**dims)]
+
+
+def forward_tta(forward: Any, x: torch.Tensor) -> torch.Tensor:
+    """Test-time augmentation: the mean of ``flip(forward(flip(x)))`` over :func:`flip_sets`.
+
+    Per patch, summed in a fixed flip order, so a tiled run blends the same patch
+    outputs in the same global order as without it: blockwise still equals whole-image.
+    Costs one forward pass per flip. Each flip is its own inverse, and for a ``same``
+    net or a ``valid`` net (symmetric margin) the output stays aligned with the input.
+    """
+    total = None
+    for axes in flip_sets(x.ndim - 2):
+        y = forward(torch.flip(x, axes) if axes else x)
+        y = torch.flip(y, axes) if axes else y
+        total = y if total is None else total + y
+    return total / len(flip_sets(x.ndim - 2))
+
+
 def out_of_memory(device: torch.device, batch: int, patch: tuple[int, ...]) -> ConfigError:
     return ConfigError(
         f"out of GPU memory on {device} for a batch of {batch} patches of shape {tuple(patch)}; "
@@ -227,10 +261,11 @@ def out_of_memory(device: torch.device, batch: int, patch: tuple[int, ...]) -> C
     )
 
 
-_PREDICTORS: dict[tuple[Any, str, bool, bool], Predictor] = {}
+_PREDICTORS: dict[tuple[Any, str, bool, bool, bool], Predictor] = {}
 
 
-def get_predictor(source: Any, *, device: str = "auto", amp: bool | None = None, threads: int = 0, compile: bool = False) -> Predictor:
+def get_predictor(source: Any, *, device: str = "auto", amp: bool | None = None, threads: int = 0, compile: bool = False,
+                  tta: bool = False) -> Predictor:
     """The worker's resident predictor for *source*: loaded on first use, then reused.
 
     On a CPU it runs its patches side by side, one torch thread each, which beat one
@@ -240,13 +275,13 @@ def get_predictor(source: Any, *, device: str = "auto", amp: bool | None = None,
     """
     dev = pick_device(device)
     use_amp = (dev.type == "cuda") if amp is None else bool(amp)
-    key = (source, str(dev), use_amp, compile)
+    key = (source, str(dev), use_amp, compile, tta)
     if dev.type == "cpu":
         torch.set_num_threads(1)
     if key not in _PREDICTORS:
         lanes = 1 if dev.type != "cpu" else threads if threads > 0 else (os.cpu_count() or 1)
         log.debug("loading model %s on %s (pid %d)", source, dev, os.getpid())
-        _PREDICTORS[key] = Predictor(source.load(), device=dev, amp=use_amp, compile=compile, lanes=lanes)
+        _PREDICTORS[key] = Predictor(source.load(), device=dev, amp=use_amp, compile=compile, lanes=lanes, tta=tta)
     return _PREDICTORS[key]
 
 

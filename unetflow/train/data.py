@@ -16,6 +16,7 @@ from unetflow import formats, store
 from unetflow.config import NormSpec
 from unetflow.errors import ShapeError
 from unetflow.geometry import Box
+from unetflow.label import INSTANCE_CLASSES
 from unetflow.values import normalise, norm_stats
 from unetflow.train.augment import elastic, intensity_jitter, random_flip_rot
 from unetflow.train.losses import class_balance_weights, weight_map
@@ -23,7 +24,6 @@ from unetflow.train.targets import INTERIOR, instance_to_classes, is_instance_la
 
 log = logging.getLogger(__name__)
 
-INSTANCE_CLASSES = ("background", "interior", "border")
 
 
 @dataclass
