@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 import unetflow
-from unetflow import finite, preflight, resume, schedule, store, telemetry
+from unetflow import finite, instances, preflight, resume, schedule, store, telemetry
 from unetflow.config import RunConfig, parse_shape, to_dict
 from unetflow.errors import BlockFailedError, ConfigError, InputFormatError, OutputExistsError, OutputWriteError, ShapeError, UnetflowError
 from unetflow.infer import WRITE_THREADS, BlockJob, BlockResult, OutputSpec, cancel_blocks, norm_stats, run_block
@@ -340,11 +340,6 @@ def segment(config: RunConfig, *, source: Any = None, progress: bool = True, dis
     if config.dry_run:
         return report
     check_room(p)
-    if p.output.kind == "instances" and (config.resume or config.part):
-        raise ConfigError(
-            "--resume and --part are not supported with --output instances yet (labelling needs every block's "
-            "components in one run); run without them, or resume --output labels/probabilities"
-        )
     run_dir = resume.RunDir(config.output)
     own = dispatch is None
     with schedule.Dispatcher(config.cluster, log_directory=str(run_dir.log_dir)) if own else contextlib.nullcontext(dispatch) as d:
@@ -384,7 +379,8 @@ def _segment(p: Prepared, report: RunReport, run_dir: resume.RunDir, dispatch: s
                 bar.set_postfix_str(f"{report.voxels / max(time.perf_counter() - t0, 1e-9):.3g} vox/s")
                 log.info(json.dumps(block_log(p, result, outcome)))
 
-            fn = resume.MarkDone(run_block, str(run_dir.done_dir), lock.holder["token"])
+            record = instances.block_record if p.output.kind == "instances" else None
+            fn = resume.MarkDone(run_block, str(run_dir.done_dir), lock.holder["token"], record)
             try:
                 failures = dispatch(fn, job, todo, on_result=on_result)
             except OutputWriteError as err:  # a full or read-only output: the run stops at the first block that met it
@@ -392,13 +388,13 @@ def _segment(p: Prepared, report: RunReport, run_dir: resume.RunDir, dispatch: s
                 _write_report(run_dir, config.part, report_dict(p, report, ident, len(block_ids)))
                 raise
             if p.output.kind == "instances" and not failures:
-                label_instances(p, job, report.results, dispatch)
+                label_instances(p, run_dir, dispatch, lock.holder["token"])
         report.seconds = time.perf_counter() - t0
         report.telemetry = telemetry.summary(report.results)
         log.info("telemetry: %s", report.telemetry["verdict"])
         report.failures = [failure_entry(p, f) for f in failures]
         finished = run_dir.path / "ome-finished"
-        if not failures and _ome(config) and len(run_dir.done_blocks()) >= p.plan.n_blocks and (report.blocks_done or not finished.exists()):
+        if not failures and _ome(config) and all_done(p, run_dir) and (report.blocks_done or not finished.exists()):
             from unetflow.formats import omezarr  # the pyramid, once every block (of every part) is done
 
             names = tuple((p.spec or {}).get("class_names") or ())
@@ -575,25 +571,20 @@ def report_dict(p: Prepared, report: RunReport, ident: dict[str, Any], n_blocks:
     }
 
 
-def label_instances(p: Prepared, job: BlockJob, results: Sequence[BlockResult], dispatch: Any) -> int:
-    """Phases 2-4 of :mod:`unetflow.label`: offsets, merge across faces, relabel and grow."""
-    from unetflow import label
+def label_instances(p: Prepared, run_dir: resume.RunDir, dispatch: Any, token: str) -> None:
+    """Phases 2-4 of instances (:func:`unetflow.instances.label`), once every block of
+    every part is done: a ``--part`` job leaves them to the final ``--resume``."""
+    if p.config.part is not None:
+        log.info("part %d/%d done; label the instances with `unetflow segment ... --resume` once every part has finished", *p.config.part)
+        return
+    output = os.path.abspath(output_array_path(p.config, p.output.kind))
+    instances.label(p.plan, run_dir=run_dir, scratch=scratch_path(p.config.output), output=output, dispatch=dispatch, token=token)
 
-    counts = np.zeros(p.plan.n_blocks, dtype=np.int64)
-    for r in results:
-        counts[r.block_id] = r.objects
-    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.uint64)
-    lj = label.LabelJob(job.output_path, os.path.abspath(output_array_path(p.config, p.output.kind)), p.plan, offsets)
-    pairs: list[np.ndarray] = []
-    ids = list(range(p.plan.n_blocks))
-    schedule.raise_failures(dispatch(label.block_face_pairs, lj, ids, on_result=pairs.append), len(ids))
-    table = label.merge_table(int(counts.sum()), np.concatenate(pairs).astype(np.int64) if pairs else np.zeros((0, 2), np.int64))
-    lj = label.LabelJob(lj.scratch_path, lj.output_path, p.plan, offsets, table)
-    schedule.raise_failures(dispatch(label.block_relabel, lj, ids, on_result=lambda _: None), len(ids))
-    store.remove(lj.scratch_path)
-    n = int(table.max()) if len(table) else 0
-    log.info("instances: %d local components merged into %d objects", int(counts.sum()), n)
-    return n
+
+def all_done(p: Prepared, run_dir: resume.RunDir) -> bool:
+    """Every block of every part has its marker (and instances their labelling)."""
+    blocks = len(run_dir.done_blocks()) >= p.plan.n_blocks
+    return blocks and (p.output.kind != "instances" or instances.complete(run_dir))
 
 
 scratch_path = preflight.scratch_path
