@@ -99,8 +99,8 @@ def _shape(value: str | None, what: str) -> tuple[int, ...] | None:
 @click.option("--level", type=int, default=None, help="Resolution level of a multiscale INPUT (OME-Zarr, pyramidal OME-TIFF); 0 is full resolution.")
 @click.option("-v", "--verbose", count=True, help="-v: a log line per block; -vv: debug.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="YAML run config (cluster, tiling, output, device); see pipelines/configs/. Flags given on the command line override it.")
-@click.option("--resume", is_flag=True, help="Finish an existing output: skip blocks with a done marker, after checking it was made with the same settings and model. Takes over the stale lock of a dead run.")
-@click.option("--part", default=None, help="i/n: compute only every n-th block starting at block i-1; n independent jobs with --part 1/n .. n/n write one output together.")
+@click.option("--resume", is_flag=True, help="Finish an existing output: skip blocks with a done marker, after checking it was made with the same settings and model. Takes over the stale lock of a dead run. With --output instances every labelling phase resumes too, from the files it left in OUTPUT.unetflow/instances/ (a merge cut short restarts from its pair files).")
+@click.option("--part", default=None, help="i/n: compute only every n-th block starting at block i-1; n independent jobs with --part 1/n .. n/n write one output together. With --output instances a part runs only the GPU blocks: a final run with --resume (no --part) labels the instances once every part has finished (a CPU pass over every block, a merge on the driver, a second pass that writes the output).")
 @friendly_errors
 def segment(input_path: str, output_path: str, model: str, workers: int, gpus: int, processes: bool | None, scheduler: str | None, block_shape: str | None,
             patch_shape: str | None, chunk_shape: str | None, shard_shape: str | None, blend: str, overlap: float, halo: str | None,
