@@ -180,18 +180,19 @@ class LabelJob:
 
 
 def read_global(job: LabelJob, box: Box, offsets: np.ndarray) -> np.ndarray:
-    """Global ids over *box* (clipped to the image; outside stays 0), block by block."""
-    scratch = store.open_output(job.scratch_path)
+    """Global ids over *box* (clipped to the image; outside stays 0): one read of the
+    scratch, then each block's part offset by its first global id."""
     out = np.zeros(box.shape, dtype=np.uint64)
     inside = box.intersect(job.plan.total_box)
     if inside.is_empty():
         return out
+    local = np.asarray(store.open_output(job.scratch_path)[inside.to_slices()])
     first = [o // b for o, b in zip(inside.offset, job.plan.block_shape)]
     last = [(s - 1) // b for s, b in zip(inside.stop, job.plan.block_shape)]
     for pos in itertools.product(*(range(a, b + 1) for a, b in zip(first, last))):
         block_id = int(np.ravel_multi_index(pos, job.plan.grid))
         part = job.plan.block(block_id).write_box.intersect(inside)
-        data = np.asarray(scratch[part.to_slices()])
+        data = local[part.relative_to(inside).to_slices()]
         out[part.relative_to(box).to_slices()] = to_global(data, int(offsets[block_id]))
     return out
 
@@ -202,19 +203,25 @@ def _ids(a: np.ndarray) -> np.ndarray:
 
 def block_face_pairs(job: LabelJob, block_id: int) -> int:
     """Phase 3 for one block: the id pairs across its upper face on every axis, saved
-    to ``pairs/<block_id>.npy``; returns how many."""
+    to ``pairs/<block_id>.npy``; returns how many.
+
+    One read covers the write box and the first plane past each of its upper faces::
+
+        +-------------+.
+        |  write box  |:   <- the plane past the face (the next block's first plane)
+        +-------------+:
+        :..............:
+    """
     folder = Folder(Path(job.folder))
-    offsets = np.load(folder.offsets, mmap_mode="r")
     write = job.plan.block(block_id).write_box
+    inner = [write.stop[a] < job.plan.image_shape[a] for a in range(write.ndim)]  # axes with a block above
+    grown = Box(write.offset, tuple(n + 1 if up else n for n, up in zip(write.shape, inner)))
+    ids = _ids(read_global(job, grown, np.load(folder.offsets, mmap_mode="r")))
     found = [np.zeros((0, 2), dtype=np.uint64)]
-    for axis in range(write.ndim):
-        if write.stop[axis] >= job.plan.image_shape[axis]:
-            continue
-        plane = list(write.shape)
-        plane[axis] = 1
-        lower = Box(tuple(write.stop[a] - 1 if a == axis else write.offset[a] for a in range(write.ndim)), tuple(plane))
-        upper = lower.shift(tuple(1 if a == axis else 0 for a in range(write.ndim)))
-        found.append(face_pairs(_ids(read_global(job, lower, offsets)), _ids(read_global(job, upper, offsets))))
+    for axis in (a for a in range(write.ndim) if inner[a]):
+        lower = tuple(write.shape[a] - 1 if a == axis else slice(0, write.shape[a]) for a in range(write.ndim))
+        upper = tuple(write.shape[a] if a == axis else slice(0, write.shape[a]) for a in range(write.ndim))
+        found.append(face_pairs(ids[lower], ids[upper]))
     pairs = np.concatenate(found).astype(np.uint64)
     save_npy(folder.pairs(block_id), pairs)
     return len(pairs)
