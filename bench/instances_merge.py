@@ -3,12 +3,13 @@
     python bench/instances_merge.py                        # 2-D 1136 x 1136, 8 x 8 blocks: 20,164 blocks
     python bench/instances_merge.py --shape 568,568        # a quarter of that (5,041 blocks)
 
-A real run, in this process, inline, with the identity oracle net
-(:class:`~unetflow.model.testing.ScaleNetSource`, 3 channels) on one-hot class
-probabilities of a synthetic nuclei image (:func:`unetflow.sample.make_sample`, radius 6,
-so most objects straddle block seams):
+The class map of a synthetic nuclei image (:func:`unetflow.sample.make_sample`, radius 6,
+so most objects straddle block seams), in this process:
 
-1. the GPU-block phase (``--part 1/1``: the blocks only), timed;
+1. phase 1: by default each block's local components as the blocks compute them
+   (:func:`unetflow.label.local_components` into the scratch array, a done marker with the
+   count); with ``--run`` a real ``unetflow segment --part 1/1`` (inline, the identity
+   oracle net :class:`~unetflow.model.testing.ScaleNetSource` on one-hot probabilities);
 2. numbering and the per-block face pairs (:func:`unetflow.instances.number`,
    :func:`unetflow.instances.block_face_pairs` on every block), timed;
 3. the merge alone, each way in a child process of its own (``python bench/instances_merge.py
@@ -18,9 +19,11 @@ so most objects straddle block seams):
    :func:`unetflow.label.merge_table`). Each child reports its wall time, its peak
    resident memory above what it held before the merge (``ru_maxrss`` minus ``VmRSS``
    just before), and, in a second child, the peak of numpy's allocations (``tracemalloc``);
-4. ``--resume``: relabel and grow, timed; its output is checked against the whole-image rule.
+4. with ``--run``, ``--resume``: the merge again, relabel and grow, timed; its output is
+   checked against the whole-image rule up to renumbering.
 
-The two merges must give the same table; the script stops if not.
+The two merges must give the same table, with as many objects as the whole-image rule
+finds; the script stops if not.
 """
 
 from __future__ import annotations
@@ -76,67 +79,91 @@ def one(method: str, spec: str) -> dict[str, Any]:
     return {"seconds": seconds, "rss_before": before, "peak_rss": peak, "peak_above_before": peak - before, "traced_peak": traced}
 
 
-def write_input(path: Path, shape: tuple[int, ...]) -> Any:
-    import numpy as np
-    import zarr
-
-    from unetflow.label import label_whole
+def classes_of(shape: tuple[int, ...]) -> Any:
+    """The class map (background / interior / border) of a synthetic nuclei image, radius 6."""
     from unetflow.sample import make_sample
     from unetflow.train.targets import instance_to_classes
 
-    _, truth = make_sample(shape, seed=1, radius=6)
-    classes = instance_to_classes(truth)
+    return instance_to_classes(make_sample(shape, seed=1, radius=6)[1])
+
+
+def run_blocks(work: Path, classes: Any, block: tuple[int, ...]) -> tuple[Any, Path]:
+    """Phase 1 as ``unetflow segment --part 1/1`` does it (``--run``): the oracle net on
+    one-hot probabilities; returns the plan and the output."""
+    import numpy as np
+    import zarr
+
+    from unetflow.run import prepare, segment
+
     probs = np.stack([(classes == i).astype(np.float32) for i in range(3)])
-    zarr.create_array(store=str(path), data=probs, chunks=(3, 256, 256), overwrite=True)
-    return label_whole(classes)
+    zarr.create_array(store=str(work / "in.zarr"), data=probs, chunks=(3, 256, 256), overwrite=True)
+    config, src = _config(work, block, part=(1, 1)), _source(classes.ndim)
+    segment(config, source=src, progress=False)
+    return prepare(_config(work, block, resume=True), source=src).plan, work / "inst.zarr"
+
+
+def synthetic_blocks(work: Path, classes: Any, block: tuple[int, ...]) -> tuple[Any, Path]:
+    """Phase 1 without the net (the default: 20,000 blocks through the engine take most
+    of an hour on a loaded 2-core machine): each block's class map through
+    :func:`unetflow.label.local_components`, the function the blocks call, into the
+    scratch array, and a done marker with its count, as the blocks leave them."""
+    import numpy as np
+
+    from unetflow import resume, store
+    from unetflow.label import local_components
+    from unetflow.model.testing import FixedGeometry
+    from unetflow.plan import Plan, make_tiling
+    from unetflow.run import scratch_path
+
+    out = work / "inst.zarr"
+    plan = Plan(classes.shape, block, make_tiling(FixedGeometry("same"), block, overlap=0.0))
+    scratch = np.zeros(classes.shape, dtype=np.uint64)
+    run_dir = resume.RunDir(str(out))
+    for block_id in range(plan.n_blocks):
+        box = plan.block(block_id).write_box.to_slices()
+        scratch[box], n = local_components(classes[box])
+        resume.write_json(run_dir.done_dir / f"{block_id}.json", {"block_id": block_id, "objects": n})
+    array = store.create_output(scratch_path(str(out)), shape=classes.shape, chunks=block, dtype="uint64", kinds=("scratch",))
+    array[...] = scratch
+    return plan, out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="1136,1136")
     parser.add_argument("--block", type=int, default=8)
+    parser.add_argument("--run", action="store_true", help="phase 1 and 4 by unetflow segment (slow for many blocks)")
     parser.add_argument("--work", default="/tmp/unetflow-bench-instances")
     parser.add_argument("--json", default=None, help="write the results here too")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import numpy as np
-    import zarr
 
     from unetflow import instances, resume, schedule
-    from unetflow.config import ClusterSpec, OutputSettings, RunConfig, TilingSpec
-    from unetflow.model.testing import ScaleNetSource
-    from unetflow.run import scratch_path, segment
+    from unetflow.config import ClusterSpec
+    from unetflow.label import label_whole
+    from unetflow.run import scratch_path
 
     shape = tuple(int(v) for v in args.shape.split(","))
+    block = (args.block,) * len(shape)
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    expected = write_input(work / "in.zarr", shape)
-    out = work / "inst.zarr"
-    block = (args.block,) * len(shape)
-
-    def cfg(**kw: Any) -> RunConfig:
-        return RunConfig(input=str(work / "in.zarr"), output=str(out), model="(oracle)",
-                         tiling=TilingSpec(block_shape=block, patch_shape=block),
-                         output_settings=OutputSettings(kind="instances", chunk_shape=block), cluster=ClusterSpec(kind="inline"), **kw)
-
-    src = ScaleNetSource(dims=len(shape), channels=3)
+    classes = classes_of(shape)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    report = segment(cfg(part=(1, 1)), source=src, progress=False)
-    timings["blocks"] = time.perf_counter() - t0
-    plan = _plan(cfg(resume=True))
+    plan, out = (run_blocks if args.run else synthetic_blocks)(work, classes, block)
+    timings["blocks (phase 1)" + ("" if args.run else ", synthetic")] = time.perf_counter() - t0
     n_blocks = plan.n_blocks
-    assert report.blocks_done == n_blocks
     run_dir = resume.RunDir(str(out))
     folder = instances.Folder.of(run_dir)
     t0 = time.perf_counter()
     offsets = instances.number(run_dir, n_blocks)
-    timings["number"] = time.perf_counter() - t0
+    timings["number (phase 2)"] = time.perf_counter() - t0
     job = instances.LabelJob(scratch_path(str(out)), str(out.resolve()), plan, str(folder.path))
     t0 = time.perf_counter()
     instances.run_phase(schedule.Dispatcher(ClusterSpec(kind="inline")), instances.block_face_pairs, job, list(range(n_blocks)))
-    timings["pairs"] = time.perf_counter() - t0
+    timings["face pairs (phase 3, per block)"] = time.perf_counter() - t0
     total = int(offsets[-1])
     n_pairs = sum(len(p) for p in instances.read_pairs(folder, n_blocks))
     merges = {}
@@ -145,16 +172,26 @@ def main() -> None:
             spec = json.dumps({"folder": str(folder.path), "n_blocks": n_blocks, "total": total, "trace": trace,
                                "table_out": str(work / f"table-{method}.npy")})
             merges[(method, trace)] = run_child(__file__, method, spec, env=child_env())
-    if not np.array_equal(np.load(work / "table-stream.npy"), np.load(work / "table-in-memory.npy")):
+    table = np.load(work / "table-stream.npy")
+    if not np.array_equal(table, np.load(work / "table-in-memory.npy")):
         raise SystemExit("the streamed and the in-memory merge tables differ")
-    t0 = time.perf_counter()
-    segment(cfg(resume=True), source=src, progress=False)
-    timings["relabel (the --resume: merge + relabel)"] = time.perf_counter() - t0
-    got = zarr.open_array(str(out))[:]
-    _check_same(got, expected)
-    rows = {"shape": list(shape), "block": list(block), "blocks": n_blocks,
-            "local_components": total, "objects": int(got.max()), "face_pairs": n_pairs, "seconds": timings,
-            "merge": {f"{m}{' (traced)' if t else ''}": r for (m, t), r in merges.items()}}
+    expected = label_whole(classes)
+    if int(table.max()) != int(expected.max()):
+        raise SystemExit(f"the merge found {int(table.max())} objects, the whole-image rule {int(expected.max())}")
+    if args.run:
+        t0 = time.perf_counter()
+        from unetflow.run import segment
+
+        segment(_config(work, block, resume=True), source=_source(len(shape)), progress=False)
+        timings["--resume: merge, relabel (phase 4)"] = time.perf_counter() - t0
+        _check_same(_read(out), expected)
+    import pickle
+
+    # what one relabel task ships: now the job (paths and the plan); before issue 16 the
+    # job also held the offsets and the whole merge table (label.LabelJob of unetflow 0.1)
+    task = {"now": len(pickle.dumps(job)), "before": len(pickle.dumps((job, offsets, table)))}
+    rows = {"shape": list(shape), "block": list(block), "blocks": n_blocks, "local_components": total, "objects": int(table.max()),
+            "face_pairs": n_pairs, "relabel_task_bytes": task, "seconds": timings, "merge": {f"{m}{' (traced)' if t else ''}": r for (m, t), r in merges.items()}}
     text = json.dumps(rows, indent=1, default=str)
     print(text)
     if args.json:
@@ -162,11 +199,24 @@ def main() -> None:
     _print_table(rows)
 
 
-def _plan(config: Any) -> Any:
-    from unetflow.model.testing import ScaleNetSource
-    from unetflow.run import prepare
+def _config(work: Path, block: tuple[int, ...], **kw: Any) -> Any:
+    from unetflow.config import ClusterSpec, OutputSettings, RunConfig, TilingSpec
 
-    return prepare(config, source=ScaleNetSource(dims=len(config.tiling.block_shape), channels=3)).plan
+    return RunConfig(input=str(work / "in.zarr"), output=str(work / "inst.zarr"), model="(oracle)",
+                     tiling=TilingSpec(block_shape=block, patch_shape=block),
+                     output_settings=OutputSettings(kind="instances", chunk_shape=block), cluster=ClusterSpec(kind="inline"), **kw)
+
+
+def _source(dims: int) -> Any:
+    from unetflow.model.testing import ScaleNetSource
+
+    return ScaleNetSource(dims=dims, channels=3)
+
+
+def _read(path: Path) -> Any:
+    import zarr
+
+    return zarr.open_array(str(path))[:]
 
 
 def _check_same(got: Any, expected: Any) -> None:
@@ -189,6 +239,8 @@ def _print_table(rows: dict[str, Any]) -> None:
     for method in ("stream", "in-memory"):
         plain, traced = rows["merge"][method], rows["merge"][f"{method} (traced)"]
         print(f"| {method} | {plain['seconds']:.3f} | {plain['peak_above_before'] / mib:.1f} | {traced['traced_peak'] / mib:.2f} |")
+    task = rows["relabel_task_bytes"]
+    print(f"\none relabel task pickles to {task['now']} bytes (before issue 16, with offsets and table: {task['before']})")
     print("| phase | seconds |\n|---|---|")
     for name, sec in rows["seconds"].items():
         print(f"| {name} | {sec:.1f} |")

@@ -159,6 +159,8 @@ def segment(input_path: str, output_path: str, model: str, workers: int, gpus: i
         f"({report.voxels_per_second:.3g} voxels/s); report in {RunDir(output_path).path}/"
     )
     click.echo(f"telemetry: {report.telemetry.get('verdict', '')}")
+    if config.part and config.output_settings.kind == "instances":
+        click.echo("GPU blocks of this part done; once every part has finished, run this command with --resume instead of --part to label the instances")
     if config.output_settings.ome or output_path.rstrip("/").lower().endswith(".ome.zarr"):
         from unetflow.formats.omezarr import viewer_path
 
