@@ -2,6 +2,7 @@
 
     python bench/instances_merge.py                        # 2-D 1136 x 1136, 8 x 8 blocks: 20,164 blocks
     python bench/instances_merge.py --shape 568,568        # a quarter of that (5,041 blocks)
+    python bench/instances_merge.py --stress 20000,200,1000   # the merge alone, 20 M synthetic pairs
 
 The class map of a synthetic nuclei image (:func:`unetflow.sample.make_sample`, radius 6,
 so most objects straddle block seams), in this process:
@@ -128,6 +129,52 @@ def synthetic_blocks(work: Path, classes: Any, block: tuple[int, ...]) -> tuple[
     return plan, out
 
 
+def stress(args: Any) -> None:
+    """``--stress N,K,P``: the merge alone on N synthetic pair files, K components per
+    block, P random pairs from each block's ids to the next block's (so components chain
+    across the whole plan), far more pairs than one batch: what bounds the driver then."""
+    import numpy as np
+
+    from unetflow import instances
+
+    n_blocks, k, per_block = (int(v) for v in args.stress.split(","))
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    folder = instances.Folder(work / "instances")
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    for b in range(n_blocks):
+        low = rng.integers(1, k + 1, per_block) + b * k
+        high = rng.integers(1, k + 1, per_block) + min(b + 1, n_blocks - 1) * k
+        instances.save_npy(folder.pairs(b), np.unique(np.stack([low, high], axis=1).astype(np.uint64), axis=0))
+    written = time.perf_counter() - t0
+    total = n_blocks * k
+    merges = _merges(folder, n_blocks, total, work)
+    n_pairs = sum(len(p) for p in instances.read_pairs(folder, n_blocks))
+    rows = {"stress": [n_blocks, k, per_block], "blocks": n_blocks, "local_components": total, "face_pairs": n_pairs,
+            "objects": int(np.load(work / "table-stream.npy").max()), "seconds": {"pair files written": written},
+            "merge": {f"{m}{' (traced)' if t else ''}": r for (m, t), r in merges.items()}}
+    print(json.dumps(rows, indent=1, default=str))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+    _print_table(rows)
+
+
+def _merges(folder: Any, n_blocks: int, total: int, work: Path) -> dict[tuple[str, bool], Any]:
+    """Both merges, timed and traced, each in a child process; their tables must agree."""
+    import numpy as np
+
+    merges = {}
+    for method in ("stream", "in-memory"):
+        for trace in (False, True):
+            spec = json.dumps({"folder": str(folder.path), "n_blocks": n_blocks, "total": total, "trace": trace,
+                               "table_out": str(work / f"table-{method}.npy")})
+            merges[(method, trace)] = run_child(__file__, method, spec, env=child_env())
+    if not np.array_equal(np.load(work / "table-stream.npy"), np.load(work / "table-in-memory.npy")):
+        raise SystemExit("the streamed and the in-memory merge tables differ")
+    return merges
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="1136,1136")
@@ -135,8 +182,11 @@ def main() -> None:
     parser.add_argument("--run", action="store_true", help="phase 1 and 4 by unetflow segment (slow for many blocks)")
     parser.add_argument("--work", default="/tmp/unetflow-bench-instances")
     parser.add_argument("--json", default=None, help="write the results here too")
+    parser.add_argument("--stress", default=None, help="N,K,P: the merge alone on synthetic pair files (see stress)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.stress:
+        return stress(args)
     import numpy as np
 
     from unetflow import instances, resume, schedule
@@ -166,15 +216,8 @@ def main() -> None:
     timings["face pairs (phase 3, per block)"] = time.perf_counter() - t0
     total = int(offsets[-1])
     n_pairs = sum(len(p) for p in instances.read_pairs(folder, n_blocks))
-    merges = {}
-    for method in ("stream", "in-memory"):
-        for trace in (False, True):
-            spec = json.dumps({"folder": str(folder.path), "n_blocks": n_blocks, "total": total, "trace": trace,
-                               "table_out": str(work / f"table-{method}.npy")})
-            merges[(method, trace)] = run_child(__file__, method, spec, env=child_env())
+    merges = _merges(folder, n_blocks, total, work)
     table = np.load(work / "table-stream.npy")
-    if not np.array_equal(table, np.load(work / "table-in-memory.npy")):
-        raise SystemExit("the streamed and the in-memory merge tables differ")
     expected = label_whole(classes)
     if int(table.max()) != int(expected.max()):
         raise SystemExit(f"the merge found {int(table.max())} objects, the whole-image rule {int(expected.max())}")
@@ -239,8 +282,9 @@ def _print_table(rows: dict[str, Any]) -> None:
     for method in ("stream", "in-memory"):
         plain, traced = rows["merge"][method], rows["merge"][f"{method} (traced)"]
         print(f"| {method} | {plain['seconds']:.3f} | {plain['peak_above_before'] / mib:.1f} | {traced['traced_peak'] / mib:.2f} |")
-    task = rows["relabel_task_bytes"]
-    print(f"\none relabel task pickles to {task['now']} bytes (before issue 16, with offsets and table: {task['before']})")
+    task = rows.get("relabel_task_bytes")
+    if task:
+        print(f"\none relabel task pickles to {task['now']} bytes (before issue 16, with offsets and table: {task['before']})")
     print("| phase | seconds |\n|---|---|")
     for name, sec in rows["seconds"].items():
         print(f"| {name} | {sec:.1f} |")
