@@ -52,7 +52,7 @@ from unetflow.plan import Plan
 
 log = logging.getLogger(__name__)
 
-MERGE_BATCH = 1 << 22  # face pairs per union-find step on the driver (64 MiB of uint64 pairs)
+MERGE_BATCH = 1 << 20  # face pairs per union-find step on the driver: about 150 MiB of working memory
 
 
 @dataclass(frozen=True)
