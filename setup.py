@@ -37,13 +37,21 @@ setup(
             "moto[server]>=5",
             "s3fs>=2024.6",
             "pillow>=10",
-            "ruff>=0.6",  # tests/test_architecture.py: the code is lint-clean (ruff.toml)
+            "ruff>=0.6",  # tests/test_architecture.py: the code is lint-clean (pyproject.toml [tool.ruff])
+            "mypy>=1.10",  # ... and the core rooms type-check (pyproject.toml [tool.mypy])
+            # tests/test_zoo.py (issue 19): packages built with the field's validator, checked by its runner
+            "bioimageio.spec>=0.5.12",
+            "bioimageio.core>=0.11",
+            "monai>=1.3",  # tests/test_zoo.py: a network unetflow did not write
         ],
         "s3": ["s3fs>=2024.6"],
         "gcs": ["gcsfs>=2024.6"],
         "preview": ["matplotlib>=3.7"],
-        # tests/test_viewers.py's napari check (headless, skipped without these)
-        "viewers": ["napari>=0.5", "napari-ome-zarr>=0.6", "bioio>=1.0", "bioio-ome-zarr>=1.0"],
+        # tests/test_viewers.py's napari, bioio and neuroglancer checks (headless, skipped without these;
+        # neuroglancer's also needs Chromium and chromedriver: apt-get install chromium chromium-driver)
+        "viewers": ["napari>=0.5", "napari-ome-zarr>=0.6", "bioio>=1.0", "bioio-ome-zarr>=1.0", "neuroglancer>=2.40", "selenium>=4.10"],
+        # bioimage.io model packages: `unetflow model export`, `segment --model pkg.zip` (issue 19)
+        "bioimageio": ["bioimageio.spec>=0.5.12", "bioimageio.core>=0.11"],
         # bench/run.py compares against MONAI's sliding_window_inference (issue 6)
         "bench": ["monai>=1.3"],
     },

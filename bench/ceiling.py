@@ -42,11 +42,12 @@ def expected_output(input_path: str, dtype: str) -> Any:
     statistics and conversion (not timed): (2, *shape) in *dtype*."""
     import numpy as np
 
-    from unetflow import store
-    from unetflow.infer import OutputSpec, convert_output, norm_stats
+    from unetflow import formats, store
+    from unetflow.job import OutputSpec
+    from unetflow.values import convert_output, norm_stats
     from unetflow.model.testing import NearFreeNet
 
-    array = store.open_input(input_path)
+    array = formats.open_input(input_path)
     layout = store.layout_for(array, 3, name=input_path)
     norm = NearFreeNet().norm
     (lo, hi), = norm_stats(store.sample_voxels(array, layout=layout), norm)
@@ -82,8 +83,9 @@ def io_floor(input_path: str, output_path: str, dtype: str, threads: int) -> dic
     return {"seconds": seconds, "voxels": int(data[0].size), "threads": threads}
 
 
-def ceiling(input_path: str, output_path: str, dtype: str, device: str, amp: bool) -> dict[str, Any]:
-    """``unetflow segment`` with the near-free model, one block, in this process."""
+def ceiling(input_path: str, output_path: str, dtype: str, device: str, amp: bool, tuning: bool = False) -> dict[str, Any]:
+    """``unetflow segment`` with the near-free model, one block, in this process
+    (*tuning*: with ``--tuning``, i.e. unetflow's allocator settings for this process)."""
     from unetflow.config import ClusterSpec, OutputSettings, RunConfig, TilingSpec
     from unetflow.model.testing import NearFreeSource
     from unetflow.run import segment
@@ -92,7 +94,7 @@ def ceiling(input_path: str, output_path: str, dtype: str, device: str, amp: boo
         input=input_path, output=output_path, model="near-free",
         tiling=TilingSpec(patch_shape=(PATCH,) * 3, overlap=OVERLAP),
         output_settings=OutputSettings(overwrite=True, dtype=dtype),
-        cluster=ClusterSpec(kind="inline"), device=device, amp=amp,
+        cluster=ClusterSpec(kind="inline"), device=device, amp=amp, tuning=tuning,
     )
     t0 = time.perf_counter()
     report = segment(config, source=NearFreeSource(), progress=False)
@@ -110,18 +112,19 @@ def measure(work: Path, shape: tuple[int, ...], dtypes: list[str], *, device: st
     """Floor and ceiling for every dtype, interleaved round by round (drifting load hits both)."""
     inp = str(work / f"raw-{'x'.join(map(str, shape))}.zarr")
     make_input(inp, shape, CHUNK)
-    out: dict[str, Any] = {d: {"floor": [], "ceiling": []} for d in dtypes}
+    out: dict[str, Any] = {d: {"floor": [], "ceiling": [], "ceiling_tuned": []} for d in dtypes}
     for round_ in range(repeat):
         for d in dtypes:
             for t in floor_threads:
                 r = run_child("floor", input_path=inp, output_path=str(work / f"floor-{d}.zarr"), dtype=d, threads=t)
                 out[d]["floor"].append(r)
                 print(f"  round {round_ + 1} {d:8s} I/O floor, {t} thread(s): {r['voxels'] / r['seconds'] / 1e6:7.1f} Mvox/s", flush=True)
-            r = run_child("ceiling", input_path=inp, output_path=str(work / f"ceiling-{d}.zarr"), dtype=d, device=device,
-                          amp=device == "cuda")
-            out[d]["ceiling"].append(r)
-            print(f"  round {round_ + 1} {d:8s} pipeline ceiling:     {r['voxels'] / r['seconds'] / 1e6:7.1f} Mvox/s  "
-                  f"({r['telemetry']['verdict']})", flush=True)
+            for tuned in (False, True):
+                r = run_child("ceiling", input_path=inp, output_path=str(work / f"ceiling-{d}.zarr"), dtype=d, device=device,
+                              amp=device == "cuda", tuning=tuned)
+                out[d]["ceiling_tuned" if tuned else "ceiling"].append(r)
+                print(f"  round {round_ + 1} {d:8s} pipeline ceiling{', tuned' if tuned else ''}: {r['voxels'] / r['seconds'] / 1e6:7.1f} Mvox/s  "
+                      f"({r['telemetry']['verdict']})", flush=True)
     return out
 
 
@@ -133,18 +136,21 @@ def table(results: dict[str, Any]) -> list[str]:
     lines = ["| output | row | Mvox/s (best) | all runs, Mvox/s | ratio to I/O floor | notes |", "|---|---|---|---|---|---|"]
     for dtype, r in results.items():
         f = best(r["floor"])
-        c = best(r["ceiling"])
         floor_v = f["voxels"] / f["seconds"]
-        ceil_v = c["voxels"] / c["seconds"]
         all_f = ", ".join(f"{x['voxels'] / x['seconds'] / 1e6:.1f} ({x['threads']}t)" for x in r["floor"])
-        all_c = ", ".join(f"{x['voxels'] / x['seconds'] / 1e6:.1f}" for x in r["ceiling"])
-        t = c["telemetry"]
-        stages = ", ".join(f"{k} {v:.2f}s" for k, v in t["seconds"].items() if k != "wall")
         lines.append(f"| {dtype} | I/O floor | {floor_v / 1e6:.1f} | {all_f} | 1.00 | read input + write the same output, {f['threads']} thread(s) |")
-        lines.append(
-            f"| {dtype} | pipeline ceiling | {ceil_v / 1e6:.1f} | {all_c} | {ceil_v / floor_v:.2f} | "
-            f"block phase; end to end {c['voxels'] / c['seconds_end_to_end'] / 1e6:.1f} Mvox/s; {stages}; verdict: {t['verdict']} |"
-        )
+        for key, name in (("ceiling", "pipeline ceiling"), ("ceiling_tuned", "pipeline ceiling, `--tuning`")):
+            if not r.get(key):
+                continue
+            c = best(r[key])
+            ceil_v = c["voxels"] / c["seconds"]
+            all_c = ", ".join(f"{x['voxels'] / x['seconds'] / 1e6:.1f}" for x in r[key])
+            t = c["telemetry"]
+            stages = ", ".join(f"{k} {v:.2f}s" for k, v in t["seconds"].items() if k != "wall")
+            lines.append(
+                f"| {dtype} | {name} | {ceil_v / 1e6:.1f} | {all_c} | {ceil_v / floor_v:.2f} | "
+                f"block phase; end to end {c['voxels'] / c['seconds_end_to_end'] / 1e6:.1f} Mvox/s; {stages}; verdict: {t['verdict']} |"
+            )
     return lines
 
 

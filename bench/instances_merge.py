@@ -94,13 +94,14 @@ def run_blocks(work: Path, classes: Any, block: tuple[int, ...]) -> tuple[Any, P
     import numpy as np
     import zarr
 
-    from unetflow.run import prepare, segment
+    from unetflow.resolve import resolve
+    from unetflow.run import segment
 
     probs = np.stack([(classes == i).astype(np.float32) for i in range(3)])
     zarr.create_array(store=str(work / "in.zarr"), data=probs, chunks=(3, 256, 256), overwrite=True)
     config, src = _config(work, block, part=(1, 1)), _source(classes.ndim)
     segment(config, source=src, progress=False)
-    return prepare(_config(work, block, resume=True), source=src).plan, work / "inst.zarr"
+    return resolve(_config(work, block, resume=True), source=src).plan, work / "inst.zarr"
 
 
 def synthetic_blocks(work: Path, classes: Any, block: tuple[int, ...]) -> tuple[Any, Path]:
@@ -114,7 +115,7 @@ def synthetic_blocks(work: Path, classes: Any, block: tuple[int, ...]) -> tuple[
     from unetflow.label import local_components
     from unetflow.model.testing import FixedGeometry
     from unetflow.plan import Plan, make_tiling
-    from unetflow.run import scratch_path
+    from unetflow.output import scratch_path
 
     out = work / "inst.zarr"
     plan = Plan(classes.shape, block, make_tiling(FixedGeometry("same"), block, overlap=0.0))
@@ -192,7 +193,7 @@ def main() -> None:
     from unetflow import instances, resume, schedule
     from unetflow.config import ClusterSpec
     from unetflow.label import label_whole
-    from unetflow.run import scratch_path
+    from unetflow.output import scratch_path
 
     shape = tuple(int(v) for v in args.shape.split(","))
     block = (args.block,) * len(shape)

@@ -42,6 +42,7 @@ class Case:
     lanes: int = 0  # floor: run batches side by side in this many threads, one torch thread each
     inline: bool = False  # unetflow: run blocks in this process (--workers 0), no Dask
     processes: bool | None = None  # unetflow: --processes / --threads (None: its default)
+    tuning: bool = False  # unetflow: --tuning (unetflow.tuning: allocator, gc, Dask housekeeping)
 
 
 def set_threads(case: Case) -> None:
@@ -50,7 +51,7 @@ def set_threads(case: Case) -> None:
 
 
 def peak_rss() -> int:
-    from unetflow.infer import peak_rss as vm_hwm
+    from unetflow.memory import peak_rss as vm_hwm
 
     return vm_hwm()
 
@@ -69,11 +70,11 @@ def batch_size(case: Case) -> int:
 
 def stats(case: Case) -> tuple[float, float]:
     """The percentile statistics unetflow measures, so every method normalises alike."""
-    from unetflow import store
-    from unetflow.infer import norm_stats
+    from unetflow import formats, store
+    from unetflow.values import norm_stats
     from unetflow.model.checkpoint import load_checkpoint
 
-    array = store.open_input(case.input)
+    array = formats.open_input(case.input)
     layout = store.layout_for(array, 3, name=case.input)
     norm = load_checkpoint(case.model).net.spec.norm
     (lo, hi), = norm_stats(store.sample_voxels(array, layout=layout), norm)
@@ -218,7 +219,7 @@ def run_unetflow(case: Case) -> dict[str, Any]:
         tiling=TilingSpec(patch_shape=(case.patch,) * 3, overlap=case.overlap, batch_size=case.batch_size),
         output_settings=OutputSettings(overwrite=True),
         cluster=ClusterSpec(kind="inline") if case.inline else ClusterSpec(kind="local", workers=case.workers, gpus=1 if gpu else 0, processes=case.processes),
-        device="cuda" if gpu else "cpu", amp=case.amp,
+        device="cuda" if gpu else "cpu", amp=case.amp, tuning=case.tuning,
     )
     set_threads(case)
     t0 = time.perf_counter()

@@ -89,9 +89,9 @@ def main() -> None:
     seg_cmd = ["unetflow", "segment", f"{out}/test_raw.zarr", f"{out}/pred.zarr", "--model", f"{out}/model.pt",
                "--output", "instances", "--workers", "1", "--no-progress", "--overwrite"]
     subprocess.run(seg_cmd, check=True)
-    from unetflow import store
+    from unetflow import formats
 
-    pred = np.asarray(store.open_input(f"{out}/pred.zarr")[...]).astype(np.int64)
+    pred = np.asarray(formats.open_input(f"{out}/pred.zarr")[...]).astype(np.int64)
     unet = evaluate(pred, test_truth)
 
     test = img[split:].astype(np.float64)

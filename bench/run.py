@@ -91,9 +91,9 @@ def run_one(method: str, case: Case, *, gpu: bool, malloc: bool = False) -> dict
     """Run *method* in a child process; return its JSON result.
 
     *malloc*: start the child with the glibc settings unetflow gives its workers
-    (``schedule.WORKER_MALLOC_TUNABLES``), so the anchors can be measured with them too.
+    (``tuning.WORKER_MALLOC_TUNABLES``), so the anchors can be measured with them too.
     """
-    from unetflow.schedule import WORKER_MALLOC_TUNABLES
+    from unetflow.tuning import WORKER_MALLOC_TUNABLES
 
     spec = json.dumps(dataclasses.asdict(case))
     env = child.child_env()
@@ -174,9 +174,12 @@ def compare_table(results: dict[str, dict[str, Any]], floor_s: float, workers: i
         "unetflow_1p": lambda r: _uf_note(r),
         "unetflow_inline": lambda r: _uf_note(r),
         f"unetflow_{workers}": lambda r: _uf_note(r),
+        "unetflow_1_tuned": lambda r: _uf_note(r),
+        f"unetflow_{workers}_tuned": lambda r: _uf_note(r),
     }
     labels = {"floor_lanes": "floor, lanes", "floor_lanes_malloc": "floor, lanes, malloc", "map_overlap_malloc": "map_overlap, malloc", "unetflow_inline": "unetflow, --workers 0 (in process)", "unetflow_1": "unetflow, 1 worker (default: threads of the driver's process)",
-              "unetflow_1p": "unetflow, 1 worker process (--processes)", f"unetflow_{workers}": f"unetflow, {workers} worker processes"}
+              "unetflow_1p": "unetflow, 1 worker process (--processes)", f"unetflow_{workers}": f"unetflow, {workers} worker processes",
+              "unetflow_1_tuned": "unetflow, 1 worker, --tuning", f"unetflow_{workers}_tuned": f"unetflow, {workers} worker processes, --tuning"}
     for key, r in results.items():
         rows.append(
             f"| {labels.get(key, key)} | {r['seconds']:.2f} | {r['voxels'] / r['seconds']:.3g} | {r['seconds'] / floor_s:.2f} "
@@ -252,6 +255,10 @@ def main(argv: list[str] | None = None) -> None:
     if not gpu:
         jobs.append(("unetflow_1p", "unetflow", dataclasses.replace(case(s, "uf1p"), processes=True), False))
         jobs.append((f"unetflow_{args.workers}", "unetflow", case(s, f"uf{args.workers}", args.workers), False))
+    # what --tuning buys (docs/performance.md): the same runs with unetflow.tuning on
+    jobs.append(("unetflow_1_tuned", "unetflow", dataclasses.replace(case(s, "uf1t"), tuning=True), False))
+    if not gpu:
+        jobs.append((f"unetflow_{args.workers}_tuned", "unetflow", dataclasses.replace(case(s, f"uf{args.workers}t", args.workers), tuning=True), False))
     runs: dict[str, list[dict[str, Any]]] = {}
     for round_ in range(args.repeat):  # rounds, so that drifting load hits every method alike
         print(f"round {round_ + 1} of {args.repeat}", flush=True)

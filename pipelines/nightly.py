@@ -123,7 +123,7 @@ class Night:
             config = run_config_from_mapping(self.cfg.get("settings", {}), input=inp, output=out, model=self.model, resume=True)
             if self.dispatch is None:  # batch job logs go to <outputs>/.nightly-logs (local clusters write none)
                 logs = os.path.join(self.outputs, ".nightly-logs")
-                self.dispatch = self.stack.enter_context(schedule.Dispatcher(config.cluster, log_directory=logs))
+                self.dispatch = self.stack.enter_context(schedule.Dispatcher(config.cluster, log_directory=logs, tuned=config.tuning))
             report = run.segment(config, source=self.source, progress=False, dispatch=self.dispatch)
             entry["status"] = "done" if report.blocks_done else "skipped"
             entry["blocks_done"], entry["blocks_skipped"] = report.blocks_done, report.blocks_skipped

@@ -10,7 +10,7 @@ from conftest import assert_blended, random_image, write_zarr
 from unetflow.config import ClusterSpec, OutputSettings, RunConfig, SkipSpec, TilingSpec
 from unetflow.errors import ConfigError
 from unetflow.geometry import Box
-from unetflow.infer import scale_box
+from unetflow.read import scale_box
 from unetflow.model.testing import ScaleNet, ScaleNetSource
 from unetflow.run import segment
 from unetflow.telemetry import STAGES
@@ -111,21 +111,48 @@ def test_telemetry_fields(tmp_path):
     assert t["peak_rss_per_worker_mb"] and "busy" in t["verdict"] and "bound by" in t["verdict"]
 
 
-def test_local_workers_start_with_unetflow_malloc_settings():
-    """Workers get GLIBC_TUNABLES (flat peak memory, huge pages) and not distributed's
-    MALLOC_TRIM_THRESHOLD_."""
+@pytest.mark.parametrize("tuned", [False, True])
+def test_worker_processes_are_tuned_only_when_asked(tuned):
+    """Without tuning a worker process keeps the system's allocator, collector and Dask
+    timers (distributed's own MALLOC_TRIM_THRESHOLD_ included); with it, workers get
+    GLIBC_TUNABLES, no MALLOC_TRIM_THRESHOLD_, a frozen heap and the profiler off. The
+    preload (torch imported before the first block) runs either way."""
     import os
 
-    from unetflow import schedule
+    import dask
+    import distributed  # noqa: F401  (its config defaults)
 
-    expected = os.environ.get("GLIBC_TUNABLES") or schedule.WORKER_MALLOC_TUNABLES
-    with schedule.open_client(ClusterSpec(kind="local", workers=1, processes=True)) as client:
+    from unetflow import schedule, tuning
+
+    environ = dict(os.environ)
+    expected = (os.environ.get("GLIBC_TUNABLES") or tuning.WORKER_MALLOC_TUNABLES) if tuned else os.environ.get("GLIBC_TUNABLES")
+    default_trim = dask.config.get("distributed.nanny.pre-spawn-environ", {}).get("MALLOC_TRIM_THRESHOLD_")
+    with schedule.open_client(ClusterSpec(kind="local", workers=1, processes=True), tuned=tuned) as client:
         env = next(iter(client.run(lambda: {k: os.environ.get(k) for k in ("GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_")}).values()))
         profile = next(iter(client.run(lambda: __import__("dask").config.get("distributed.worker.profile.enabled")).values()))
         loaded = next(iter(client.run(_preloaded).values()))
-    assert profile is False  # the worker's 10 ms profiler is off (WORKER_DASK_CONFIG)
-    assert env == {"GLIBC_TUNABLES": expected, "MALLOC_TRIM_THRESHOLD_": None}
-    assert loaded["infer"] and loaded["frozen"] > 10_000  # the preload ran before any block: torch in, heap frozen
+    assert profile is (not tuned)  # the worker's 10 ms profiler: off only when tuned (tuning.HOUSEKEEPING)
+    trim = None if tuned else (str(default_trim) if default_trim is not None else None)
+    assert env == {"GLIBC_TUNABLES": expected, "MALLOC_TRIM_THRESHOLD_": trim}
+    assert loaded["infer"]  # the preload ran before any block: torch in
+    assert (loaded["frozen"] > 10_000) is tuned  # gc.freeze only when tuned
+    assert dict(os.environ) == environ  # distributed's nannies wrote into this process's environment: given back
+
+
+def test_a_run_leaves_the_callers_process_as_it_found_it(tmp_path):
+    """Blocks computed in this process (one threaded worker, --workers 0) set torch's threads
+    to 1 and, untuned, touch neither the allocator nor the environment: all restored."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(2)
+    environ = dict(os.environ)
+    inp = write_zarr(tmp_path / "in.zarr", np.random.default_rng(0).random((8, 16, 16), dtype=np.float32), chunks=(8, 16, 16))
+    cfg = RunConfig(input=inp, output=str(tmp_path / "out.zarr"), model="(x2)", cluster=ClusterSpec(kind="inline"), device="cpu")
+    segment(cfg, source=ScaleNetSource(factor=2.0), progress=False)
+    assert torch.get_num_threads() == 2
+    assert dict(os.environ) == environ
 
 
 def _preloaded() -> dict:
@@ -202,7 +229,7 @@ def _tune_in_a_new_process(before: str = "", **env: str) -> dict:
     import subprocess
     import sys
 
-    code = before + "import json, unetflow.worker as w; print(json.dumps(w.tune_allocator()))"
+    code = before + "import json, unetflow.tuning as w; print(json.dumps(w.tune_allocator()))"
     environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**environ, **env}, check=True)
     return json.loads(out.stdout.splitlines()[-1])
@@ -234,6 +261,7 @@ def test_worker_preload_keeps_the_users_own():
     with dask.config.set({"distributed.worker.preload": ["mylab.setup"]}):
         assert schedule.worker_dask_config()["distributed.worker.preload"] == ["mylab.setup", schedule.WORKER_PRELOAD]
     assert "DASK_DISTRIBUTED__WORKER__PRELOAD" in schedule.job_env()
+    assert "GLIBC_TUNABLES" not in schedule.job_env() and "GLIBC_TUNABLES" in schedule.job_env(tuned=True)
 
 
 def test_dispatcher_starts_the_cluster_in_the_background_and_closes_once(tmp_path):

@@ -14,7 +14,7 @@ import zarr
 from click.testing import CliRunner
 
 from conftest import assert_blended, random_image
-from unetflow import store
+from unetflow import formats
 from unetflow.cli import main
 from unetflow.config import ClusterSpec, OutputSettings, RunConfig, TilingSpec
 from unetflow.errors import InputFormatError
@@ -43,7 +43,7 @@ def test_ome_tiff_to_ome_zarr(tmp_path):
     tif = tmp_path / "stack.ome.tif"
     tifffile.imwrite(tif, data, ome=True, bigtiff=True, tile=(32, 32),
                      metadata={"axes": "ZCYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5, "PhysicalSizeZ": 0.6})
-    arr = store.open_input(tif)
+    arr = formats.open_input(tif)
     assert arr.shape == (2, 5, 70, 66) and arr.dimension_names == ("c", "z", "y", "x") and arr.voxel_size == (0.6, 0.5, 0.5)
     assert arr.chunks == (1, 1, 32, 32)  # tiles are chunks: a box reads only its tiles
     out = tmp_path / "pred.ome.zarr"
@@ -68,7 +68,7 @@ def test_labels_output_is_an_image_label(tmp_path, image3d):
     label = v05.ImageLabel.from_zarr(root["labels/segmentation"])
     assert [a.name for a in label.ome_attributes.multiscales[0].axes] == ["z", "y", "x"]
     np.testing.assert_array_equal(tensorstore_read(out / "labels/segmentation/0"), np.zeros(data.shape, np.uint8))
-    assert store.open_input(out).shape == data.shape  # an OME-Zarr whose image is its label image opens too
+    assert formats.open_input(out).shape == data.shape  # an OME-Zarr whose image is its label image opens too
 
 
 def test_tiff_slices_convert_cli(tmp_path):
@@ -84,9 +84,9 @@ def test_tiff_slices_convert_cli(tmp_path):
     np.testing.assert_array_equal(tensorstore_read(out), data)
     arr = zarr.open_array(str(out), mode="r")
     assert arr.chunks == (4, 16, 16) and arr.shards == (4, 32, 32) and arr.metadata.zarr_format == 3
-    glob_in = store.open_input(str(tmp_path / "slices" / "*.tif"))  # a quoted glob and a folder read the same
+    glob_in = formats.open_input(str(tmp_path / "slices" / "*.tif"))  # a quoted glob and a folder read the same
     np.testing.assert_array_equal(glob_in[1:3, 5:9], data[1:3, 5:9])
-    np.testing.assert_array_equal(store.open_input(str(tmp_path / "slices"))[:], data)
+    np.testing.assert_array_equal(formats.open_input(str(tmp_path / "slices"))[:], data)
 
 
 def test_hdf5_input_on_two_workers(tmp_path):
@@ -97,8 +97,8 @@ def test_hdf5_input_on_two_workers(tmp_path):
         ds.attrs["resolution"] = [40.0, 4.0, 4.0]
         f.create_dataset("volumes/other", data=np.zeros(3))
     with pytest.raises(InputFormatError, match=r"em.h5:/volumes/"):
-        store.open_input(str(h5))  # two datasets: name one
-    arr = store.open_input(f"{h5}:/volumes/raw")
+        formats.open_input(str(h5))  # two datasets: name one
+    arr = formats.open_input(f"{h5}:/volumes/raw")
     assert arr.chunks == (8, 8, 8) and arr.voxel_size == (40.0, 4.0, 4.0) and arr.unit == "nanometer"
     out = tmp_path / "pred.zarr"
     report = run(f"{h5}:/volumes/raw", out, block=(8, 16, 16), cluster=ClusterSpec(kind="local", workers=2))
@@ -133,7 +133,7 @@ def _write_ome_zarr(path, data, *, version):
 def test_ome_zarr_input_at_a_level(tmp_path, version):
     data = random_image((1, 1, 9, 40, 36))
     inp = _write_ome_zarr(tmp_path / "raw.ome.zarr", data, version=version)
-    arr = store.open_input(inp, level=1)
+    arr = formats.open_input(inp, level=1)
     assert arr.shape == (1, 9, 20, 18) and arr.voxel_size == (2.0, 1.0, 1.0)  # singleton t dropped
     assert arr.dimension_names == ("c", "z", "y", "x")
     out = tmp_path / "pred.ome.zarr"
@@ -142,7 +142,7 @@ def test_ome_zarr_input_at_a_level(tmp_path, version):
     scale = zarr.open_group(str(out)).attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
     assert scale == [1.0, 2.0, 1.0, 1.0]  # the input level's voxel size travels to the output
     with pytest.raises(InputFormatError, match="--level 0..1"):
-        store.open_input(inp, level=5)
+        formats.open_input(inp, level=5)
 
 
 @pytest.fixture
@@ -174,7 +174,7 @@ def test_s3_ome_zarr_input_level(tmp_path, s3_server):
     fs = fsspec.filesystem("s3")
     fs.put(str(local), "unetflow-test/raw.ome.zarr", recursive=True)
     url = "s3://unetflow-test/raw.ome.zarr"
-    assert store.open_input(url, level=1).shape == (1, 9, 20, 18)
+    assert formats.open_input(url, level=1).shape == (1, 9, 20, 18)
     out = tmp_path / "pred.ome.zarr"
     run(url, out, level=1, block=(8, 16, 16))
     assert_blended(zarr.open_array(str(out / "0"))[0], 2.0 * data[0, 0, :, ::2, ::2])

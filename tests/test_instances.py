@@ -103,7 +103,7 @@ def test_interior_threshold_setting_reaches_the_blocks():
     from unetflow.config import OutputSettings, run_config_from_mapping
     from unetflow.errors import ConfigError
     from unetflow.label import INTERIOR_THRESHOLD
-    from unetflow.run import output_spec
+    from unetflow.resolve import output_spec
 
     def spec(**kw):
         return output_spec(RunConfig(input="in.zarr", output="out.zarr", model="m.pt", output_settings=OutputSettings(kind="instances", **kw)), None)

@@ -20,7 +20,8 @@ from unetflow import instances, resume
 from unetflow.config import ClusterSpec, OutputSettings, RunConfig, TilingSpec
 from unetflow.label import instance_classes, label_whole, merge_table
 from unetflow.model.testing import ScaleNetSource
-from unetflow.run import scratch_path, segment
+from unetflow.output import scratch_path
+from unetflow.run import segment
 from unetflow.sample import make_sample
 from unetflow.train.targets import instance_to_classes
 

@@ -12,10 +12,12 @@ from torch import nn
 from conftest import random_image, write_zarr
 from unetflow.config import ClusterSpec, OutputSettings, RunConfig, TilingSpec
 from unetflow.errors import ConfigError
-from unetflow.infer import OutputSpec, convert_output
+from unetflow.job import OutputSpec
+from unetflow.values import convert_output
 from unetflow.model.predictor import NetInfo, Predictor
 from unetflow.model.testing import FixedGeometry, NearFreeSource, ScaleNetSource
-from unetflow.run import output_spec, segment
+from unetflow.resolve import output_spec
+from unetflow.run import segment
 from unetflow.telemetry import verdict
 
 
@@ -141,7 +143,7 @@ def test_tiled_equals_one_block_bit_for_bit(tmp_path):
 def test_uint16_as_int16_bits_normalises_like_uint16():
     """How uint16 rows cross to a GPU (torch's CUDA kernels lack uint16): the same floats."""
     from unetflow.config import NormSpec
-    from unetflow.infer import normalise_tensor
+    from unetflow.values import normalise_tensor
 
     raw = np.array([[0, 1, 32767, 32768, 40000, 65535]], dtype=np.uint16)
     norm, stats = NormSpec(kind="percentile"), ((100.0, 60000.0),)

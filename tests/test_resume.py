@@ -197,7 +197,7 @@ def test_yaml_config_and_overrides(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "pipelines" / "configs").glob("*.yaml")))
 def test_example_configs_load_and_make_job_scripts(tmp_path, name):
-    from unetflow import schedule
+    from unetflow import schedule, tuning
 
     data = load_yaml(str(ROOT / "pipelines" / "configs" / name))
     if "inputs" in data:  # a nightly pipeline config
@@ -205,10 +205,12 @@ def test_example_configs_load_and_make_job_scripts(tmp_path, name):
     cfg = run_config_from_mapping(data, input="a", output="b", model="m")
     if cfg.cluster.is_jobqueue:
         cls = schedule.jobqueue_class(cfg.cluster.kind)
-        script = cls(**schedule.jobqueue_options(cfg.cluster, log_directory=str(tmp_path))).job_script()
-        assert "distributed.cli.dask_worker" in script
-        assert "export GLIBC_TUNABLES=" in script and schedule.WORKER_MALLOC_TUNABLES in script
-        assert "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=" in script
+        script = cls(**schedule.jobqueue_options(cfg.cluster, log_directory=str(tmp_path), tuned=cfg.tuning)).job_script()
+        assert "distributed.cli.dask_worker" in script and "DASK_DISTRIBUTED__WORKER__PRELOAD=" in script
+        tuned = cls(**schedule.jobqueue_options(cfg.cluster, log_directory=str(tmp_path), tuned=True)).job_script()
+        assert "export GLIBC_TUNABLES=" in tuned and tuning.WORKER_MALLOC_TUNABLES in tuned and "UNETFLOW_TUNING" in tuned
+        assert "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=" in tuned
+        assert ("GLIBC_TUNABLES" in script) is cfg.tuning  # off unless the config asks
 
 
 def test_jobqueue_import_writes_nothing_to_home(tmp_path):

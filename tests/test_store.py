@@ -7,7 +7,7 @@ import pytest
 import zarr
 
 from conftest import random_image, write_zarr
-from unetflow import store
+from unetflow import formats, store
 from unetflow.errors import ConfigError, InputFormatError, InputNotFoundError, OutputExistsError, ShapeError
 from unetflow.geometry import Box
 
@@ -41,20 +41,20 @@ def test_wrong_dimension_count(tmp_path):
 
 def test_missing_and_not_zarr_and_group(tmp_path):
     with pytest.raises(InputNotFoundError, match="does not exist"):
-        store.open_input(tmp_path / "nope.zarr")
+        formats.open_input(tmp_path / "nope.zarr")
     (tmp_path / "plain").mkdir()
     with pytest.raises(InputFormatError, match="not a Zarr array"):
-        store.open_input(tmp_path / "plain")
+        formats.open_input(tmp_path / "plain")
     g = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
     g.create_array("raw", shape=(4, 4), dtype="u1")
     with pytest.raises(InputFormatError, match=r"is a Zarr group.*g.zarr/raw"):
-        store.open_input(tmp_path / "g.zarr")
+        formats.open_input(tmp_path / "g.zarr")
 
 
 def test_corrupt_chunk_names_box(tmp_path):
     path = write_zarr(tmp_path / "a.zarr", random_image((10, 10)), chunks=(5, 5))
     (tmp_path / "a.zarr" / "c" / "0" / "1").write_bytes(b"garbage" * 3)
-    arr = store.open_input(path)
+    arr = formats.open_input(path)
     layout = store.layout_for(arr, 2, name=path)
     store.read_box(arr, Box((0, 0), (5, 5)), layout=layout)  # an intact chunk still reads
     with pytest.raises(InputFormatError, match="does not decode"):
@@ -110,21 +110,21 @@ def test_urls_compare_normalised():
 
 def test_describe(tmp_path):
     path = write_zarr(tmp_path / "a.zarr", np.zeros((6, 8), "u2"), chunks=(3, 4), dimension_names=("y", "x"))
-    info = store.describe(path)
+    info = formats.describe(path)
     assert info["shape"] == [6, 8] and info["chunks"] == [3, 4] and info["dtype"] == "uint16"
     assert info["dimension_names"] == ["y", "x"] and info["zarr_format"] == 3 and info["codecs"]
 
 
 def test_sample_voxels_is_bounded(tmp_path):
     data = random_image((40, 40))
-    arr = store.open_input(write_zarr(tmp_path / "a.zarr", data, chunks=(4, 4)))
+    arr = formats.open_input(write_zarr(tmp_path / "a.zarr", data, chunks=(4, 4)))
     sample = store.sample_voxels(arr, layout=store.layout_for(arr, 2, name="a"), max_chunks=10)
     assert sample.shape == (1, 160)
 
 
 def test_sample_voxels_thins_large_chunks(tmp_path):
     data = np.arange(64 * 64, dtype="u2").reshape(64, 64)
-    arr = store.open_input(write_zarr(tmp_path / "a.zarr", data, chunks=(32, 32)))
+    arr = formats.open_input(write_zarr(tmp_path / "a.zarr", data, chunks=(32, 32)))
     layout = store.layout_for(arr, 2, name="a")
     sample = store.sample_voxels(arr, layout=layout, max_voxels=1000)
     assert sample.shape[1] <= 1000

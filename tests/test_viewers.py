@@ -16,7 +16,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from unetflow import resume, store
+from unetflow import formats, resume
 from unetflow.cli import main
 from unetflow.config import ClusterSpec, OutputSettings, RunConfig, TilingSpec
 from unetflow.errors import ConfigError, InputFormatError
@@ -153,7 +153,7 @@ def test_probabilities_keep_the_level_transform_and_name_channels(tmp_path):
     node = next(iter(ome_reader.Reader(ome_io.parse_url(str(out)))()))
     assert node.metadata["channel_names"] == ["class 0", "class 1"]
     with pytest.raises(InputFormatError, match=r"3 resolution levels; pass --level 0..2, not 5"):
-        store.open_input(inp, level=5)
+        formats.open_input(inp, level=5)
 
 
 def test_class_names_colors_and_windows():
@@ -260,3 +260,151 @@ def test_preview_of_a_labels_root_shows_the_labels(outputs, tmp_path):
     result = CliRunner().invoke(main, ["preview", str(outputs["instances"]), "--z", "4", "-o", str(png)])
     assert result.exit_code == 0, result.output
     assert png.exists() and "over" in result.output
+
+
+# ---- neuroglancer: its own client in headless Chromium, the outputs served over HTTP
+
+
+def _neuroglancer_tools():
+    """neuroglancer, selenium and a Chromium with its driver, or the reason to skip."""
+    import shutil
+
+    ng = pytest.importorskip("neuroglancer", reason="neuroglancer is not installed (pip install neuroglancer selenium)")
+    pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if not browser or not shutil.which("chromedriver"):
+        pytest.skip("no Chromium and chromedriver on PATH (Debian: apt-get install chromium chromium-driver)")
+    return ng, browser
+
+
+@pytest.fixture(scope="module")
+def neuroglancer_page(outputs):
+    """A neuroglancer viewer (the client of the pip package) in headless Chromium, WebGL by
+    SwiftShader, with the outputs' folder served over HTTP with CORS, as a web server would."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    ng, browser = _neuroglancer_tools()
+    import neuroglancer.webdriver
+
+    class Handler(SimpleHTTPRequestHandler):
+        def end_headers(self):
+            self.send_header("Access-Control-Allow-Origin", "*")
+            super().end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(outputs["tmp"])))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    ng.set_server_bind_address("127.0.0.1")
+    viewer = ng.Viewer()
+    args = ["--use-gl=angle", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
+    driver = neuroglancer.webdriver.Webdriver(viewer, headless=True, docker=True, browser_binary_path=browser,
+                                              extra_command_line_args=args, print_logs=False)
+    yield viewer, driver, f"http://127.0.0.1:{httpd.server_address[1]}"
+    driver.driver.quit()
+    httpd.shutdown()
+
+
+LAYERS_JS = """
+return window.viewer.layerManager.managedLayers.map(m => {
+  const l = m.layer;
+  const states = l ? l.dataSources.map(d => d.loadState === undefined ? 'loading' : (d.loadState.error ? 'error: ' + d.loadState.error.message : 'ok')) : [];
+  return {name: m.name, type: l ? l.type : null, sources: states};
+});
+"""
+
+
+def _ng_layers(driver, *, count, seconds=60.0):
+    """The layers of the page once *count* of them have loaded (or failed), by name."""
+    import time
+
+    t_end = time.monotonic() + seconds
+    while True:
+        layers = driver.driver.execute_script(LAYERS_JS)
+        done = [x for x in layers if x["sources"] and "loading" not in x["sources"]]
+        if len(done) >= count or time.monotonic() > t_end:
+            return {x["name"]: x for x in layers}
+        time.sleep(0.25)
+
+
+def _settled_page(driver, *, seconds=30.0):
+    """The page's pixels once two screenshots half a second apart agree (every chunk drawn)."""
+    import io
+    import time
+
+    from PIL import Image
+
+    shot, t_end = None, time.monotonic() + seconds
+    while True:
+        time.sleep(0.5)
+        new = np.asarray(Image.open(io.BytesIO(driver.driver.get_screenshot_as_png())).convert("RGB"))
+        if (shot is not None and np.array_equal(new, shot)) or time.monotonic() > t_end:
+            return new
+        shot = new
+
+
+def _no_nulls(value):
+    """A state from ``toJSON()`` that ``restoreState`` takes back: its null (default) entries left out."""
+    if isinstance(value, dict):
+        return {k: _no_nulls(v) for k, v in value.items() if v is not None}
+    return [_no_nulls(v) for v in value] if isinstance(value, list) else value
+
+
+def _drawn_colours(viewer, driver, level0, middle):
+    """The colours neuroglancer draws for the layer "seg" alone at plane *middle* of *level0* (black left out)."""
+    view = driver.driver.execute_script("return window.viewer.state.toJSON();")
+    for layer in view["layers"]:  # the segmentation alone, the middle plane, flat on black, no UI
+        layer["visible"] = layer["name"] == "seg"
+    with viewer.config_state.txn() as config:
+        config.show_ui_controls = False
+        config.show_panel_borders = False
+    panel = "const r = document.querySelector('.neuroglancer-rendered-data-panel').getBoundingClientRect(); return [r.left, r.top, r.width, r.height];"
+    left, top, width, height = driver.driver.execute_script(panel)
+    # the whole plane within the panel's middle half (whether the scale counts voxels or units), the
+    # corner overlays (axis names, buttons) outside the middle 70% that is looked at
+    scale = 2.0 * max(level0.shape[1] / height, level0.shape[2] / width)
+    # voxel `middle` whether neuroglancer puts voxel i on [i, i + 1) or, with NGFF's centres, on [i - 0.5, i + 0.5)
+    centre = {"z": middle + 0.25, "y": level0.shape[1] / 2, "x": level0.shape[2] / 2}
+    view.update(position=[centre[a] for a in view["dimensions"]], crossSectionScale=scale,
+                showAxisLines=False, showScaleBar=False, showDefaultAnnotations=False, crossSectionBackgroundColor="#000000")
+    driver.driver.execute_script("window.viewer.state.restoreState(arguments[0]);", _no_nulls(view))
+    page = _settled_page(driver)
+    left, top, width, height = driver.driver.execute_script(panel)  # the panel without the UI controls
+    ratio = page.shape[1] / driver.driver.execute_script("return window.innerWidth;")  # device pixels per CSS pixel
+    y0, y1 = int((top + 0.15 * height) * ratio), int((top + 0.85 * height) * ratio)
+    x0, x1 = int((left + 0.15 * width) * ratio), int((left + 0.85 * width) * ratio)
+    plane = page[y0:y1, x0:x1].reshape(-1, 3)
+    return {tuple(p) for p in plane if p.any()}
+
+
+@pytest.mark.viewer
+@pytest.mark.parametrize("kind", ["labels", "instances"])
+def test_neuroglancer_opens_the_root_and_the_label_image(outputs, neuroglancer_page, kind):
+    """The root as image layers (neuroglancer has no NGFF labels: it does not list labels/),
+    the label image as a segmentation layer with its objects drawn, in the image's space."""
+    viewer, driver, url = neuroglancer_page
+    name = outputs[kind].name
+    state = {"layout": "xy", "layers": [
+        {"name": "root", "source": f"zarr://{url}/{name}"},  # no type: what neuroglancer makes of the root
+        {"name": "auto", "source": f"zarr://{url}/{name}/labels/segmentation"},
+        {"name": "seg", "type": "segmentation", "source": f"zarr://{url}/{name}/labels/segmentation"},
+    ]}
+    driver.reload_browser()  # a new page: the global dimensions are set by the first layers only
+    driver.driver.execute_script("window.viewer.state.restoreState(arguments[0]);", state)
+    channels = 2 if kind == "labels" else 3
+    layers = _ng_layers(driver, count=channels + 2)
+    roots = [x for n, x in layers.items() if n.startswith("root")]
+    assert len(roots) == channels and all(x["type"] == "image" and x["sources"] == ["ok"] for x in roots), layers
+    assert layers["seg"]["type"] == "segmentation" and layers["seg"]["sources"] == ["ok"], layers
+    assert layers["auto"]["sources"] == ["ok"]  # opens; typed "image" by neuroglancer 2.41 (its zarr source says IMAGE)
+    dims = driver.driver.execute_script("return window.viewer.state.toJSON().dimensions;")
+    label_scale = transforms(ome(outputs[kind] / "labels/segmentation")["multiscales"][0], 0)[0]
+    assert [dims[a][0] for a in "zyx"] == label_scale  # image and labels in one space, at the level's voxel size
+    level0 = zarr.open_array(str(outputs[kind] / "labels/segmentation/0"), mode="r")
+    middle = level0.shape[0] // 2
+    colours = _drawn_colours(viewer, driver, level0, middle)
+    ids = np.unique(level0[middle])
+    assert len(colours) == len(ids[ids > 0]), f"{len(colours)} colours drawn for the {len(ids[ids > 0])} objects of plane {middle}"

@@ -215,7 +215,7 @@ class PlaneWindow:
             raise RuntimeError(f"write box {write_box} has voxels no patch covered")
         if not self.weighted and any(c.max() != 1 for c in counts):
             raise RuntimeError(f"write box {write_box} gets up to {math.prod(int(c.max()) for c in counts)} tiles per voxel, not 1")
-        self._windows = NormalisedWindows(self.tile, starts, kind, self.device) if self.weighted else None
+        self._windows = NormalisedWindows(self.tile, starts, kind, self.device) if kind is not None else None
 
     def extend(self, stop: int) -> None:
         """Hold planes up to *stop* (clipped to the write box); new planes are zero."""

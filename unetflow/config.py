@@ -1,6 +1,9 @@
 """Frozen settings: every default and every validation of user-chosen values.
 
-Settings are built once at the edge (CLI flags, YAML, a checkpoint) and passed down.
+Settings are built once at the edge (CLI flags, YAML, a checkpoint) and passed down:
+each value is parsed and checked here, in the spec's ``__post_init__``, and nowhere
+else. The CLI flags and the YAML keys of a run are derived from the fields of
+:class:`RunConfig` (:func:`settings`), so a new field cannot be forgotten by either.
 Nothing here imports another unetflow room but :mod:`unetflow.errors`.
 """
 
@@ -9,13 +12,35 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Literal, Sequence, get_args
 
 from unetflow.errors import ConfigError, ShapeError
 
-PADDINGS = ("valid", "same")
-NORMALISATIONS = ("percentile", "meanstd", "none")
+Padding = Literal["valid", "same"]
+Normalisation = Literal["percentile", "meanstd", "none"]
+Blend = Literal["gaussian", "constant", "crop"]
+Mirror = Literal["reflect", "symmetric"]
+OutputKind = Literal["probabilities", "labels", "instances"]
+ImageMode = Literal["copy", "link", "none"]  # the input image at the root of an OME-Zarr labels output
+ProbabilityDtype = Literal["float32", "float16", "uint8"]
+ClusterKind = Literal["local", "inline", "address", "slurm", "pbs", "lsf", "sge", "htcondor"]
+JobqueueKind = Literal["slurm", "pbs", "lsf", "sge", "htcondor"]
+Targets = Literal["auto", "instances", "classes"]
+Loss = Literal["ce", "dice", "ce+dice"]
+
+PADDINGS: tuple[str, ...] = get_args(Padding)
+NORMALISATIONS: tuple[str, ...] = get_args(Normalisation)
+BLENDS: tuple[str, ...] = get_args(Blend)
+MIRRORS: tuple[str, ...] = get_args(Mirror)
+OUTPUT_KINDS: tuple[str, ...] = get_args(OutputKind)
+IMAGE_MODES: tuple[str, ...] = get_args(ImageMode)
+PROB_DTYPES: tuple[str, ...] = get_args(ProbabilityDtype)
+CLUSTER_KINDS: tuple[str, ...] = get_args(ClusterKind)
+JOBQUEUE_KINDS: tuple[str, ...] = get_args(JobqueueKind)
+TARGET_KINDS: tuple[str, ...] = get_args(Targets)
+LOSSES: tuple[str, ...] = get_args(Loss)
 
 
 def choose(value: str, options: Sequence[str], *, what: str) -> str:
@@ -81,6 +106,23 @@ def parse_shape(value: Any, *, what: str, ndim: int | None = None) -> tuple[int,
     return tuple(items)
 
 
+def fit_shape(shape: tuple[int, ...], ndim: int, *, what: str) -> tuple[int, ...]:
+    """A parsed shape for an image of *ndim* spatial axes: one number is repeated.
+
+    >>> fit_shape((4,), 3, what="patch shape")
+    (4, 4, 4)
+    """
+    return parse_shape(shape, what=what, ndim=ndim)
+
+
+def _parse_shapes(spec: Any, *names: str) -> None:
+    """Parse the shape fields *names* of a frozen *spec* in place (``"64,64"``, 64, a list)."""
+    for name in names:
+        value = getattr(spec, name)
+        if value is not None:
+            object.__setattr__(spec, name, parse_shape(value, what=name.replace("_", " ")))
+
+
 @dataclass(frozen=True)
 class NormSpec:
     """How image intensities are normalised before the network sees them.
@@ -91,7 +133,7 @@ class NormSpec:
     (on a bounded sample of its chunks) and recorded in the run config.
     """
 
-    kind: str = "percentile"
+    kind: Normalisation = "percentile"
     low: float = 1.0
     high: float = 99.8
 
@@ -120,7 +162,7 @@ class ModelSpec:
     dims: int = 3
     in_channels: int = 1
     classes: int = 2
-    padding: str = "same"
+    padding: Padding = "same"
     depth: int = 3
     width: int = 16
     norm: NormSpec = field(default_factory=NormSpec)
@@ -165,14 +207,6 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-MIRRORS = ("reflect", "symmetric")
-OUTPUT_KINDS = ("probabilities", "labels", "instances")
-IMAGE_MODES = ("copy", "link", "none")  # the input image at the root of an OME-Zarr labels output
-PROB_DTYPES = ("float32", "float16", "uint8")
-CLUSTER_KINDS = ("local", "inline", "address", "slurm", "pbs", "lsf", "sge", "htcondor")
-JOBQUEUE_KINDS = ("slurm", "pbs", "lsf", "sge", "htcondor")
-
-
 @dataclass(frozen=True)
 class TilingSpec:
     """How the image is cut: blocks (work units) and patches (forward passes).
@@ -182,16 +216,17 @@ class TilingSpec:
 
     block_shape: tuple[int, ...] | None = None
     patch_shape: tuple[int, ...] | None = None
-    blend: str = "gaussian"
+    blend: Blend = "gaussian"
     overlap: float = 0.25
     halo: tuple[int, ...] | None = None
     allow_small_halo: bool = False
-    mirror: str = "reflect"
+    mirror: Mirror = "reflect"
     batch_size: int = 0  # 0: chosen from the device (model.predictor.auto_batch_size)
 
     def __post_init__(self) -> None:
+        _parse_shapes(self, "block_shape", "patch_shape", "halo")
         object.__setattr__(self, "mirror", choose(self.mirror, MIRRORS, what="mirror mode"))
-        object.__setattr__(self, "blend", choose(self.blend, ("gaussian", "constant", "crop"), what="blend mode"))
+        object.__setattr__(self, "blend", choose(self.blend, BLENDS, what="blend mode"))
         if self.batch_size < 0:
             raise ConfigError(f"batch size {self.batch_size} must be >= 1, or 0 to choose it from the device")
         if not 0.0 <= self.overlap < 1.0:
@@ -202,18 +237,21 @@ class TilingSpec:
 class OutputSettings:
     """What is written and how: kind, dtype, chunks, shards, compression."""
 
-    kind: str = "probabilities"
+    kind: OutputKind = "probabilities"
     dtype: str | None = None
     chunk_shape: tuple[int, ...] | None = None
     shard_shape: tuple[int, ...] | None = None
-    compression_level: int = 3
+    compression_level: int = field(default=3, metadata={"cli": False})
     overwrite: bool = False
     ome: bool = False  # OME-Zarr 0.5 output (also when the path ends in .ome.zarr)
     interior_threshold: float | None = None  # instances: None = unetflow.label.INTERIOR_THRESHOLD
-    write_threads: int = 0  # compress + write threads per worker; 0: unetflow.infer.WRITE_THREADS
-    image: str = "copy"  # OME-Zarr labels / instances: the input image at the root (copy, link) or not (none)
+    write_threads: int = 0  # compress + write threads per worker; 0: unetflow.job.WRITE_THREADS
+    image: ImageMode = "copy"  # OME-Zarr labels / instances: the input image at the root (copy, link) or not (none)
 
     def __post_init__(self) -> None:
+        _parse_shapes(self, "chunk_shape", "shard_shape")
+        if not 0 <= int(self.compression_level) <= 22:
+            raise ConfigError(f"compression level {self.compression_level} must be in 0..22 (zstd); 3 is the default")
         object.__setattr__(self, "kind", choose(self.kind, OUTPUT_KINDS, what="output kind"))
         object.__setattr__(self, "image", choose(self.image, IMAGE_MODES, what="image mode"))
         if int(self.write_threads) < 0:
@@ -224,6 +262,12 @@ class OutputSettings:
             object.__setattr__(self, "dtype", choose(self.dtype, PROB_DTYPES, what="probability dtype"))
         if self.kind != "probabilities" and self.dtype is not None and not str(self.dtype).startswith("uint"):
             raise ConfigError(f"labels dtype {self.dtype} must be an unsigned integer type like uint8; or leave it out")
+
+
+# field metadata: a setting only a YAML config sets (no CLI flag): cluster site settings
+SITE = {"cli": False}
+# field metadata: a setting the CLI takes as an argument (INPUT, OUTPUT) or a required option
+ARGUMENT = {"cli": "argument", "yaml": False}
 
 
 @dataclass(frozen=True)
@@ -241,35 +285,35 @@ class ClusterSpec:
     always processes (each is pinned to its GPU).
     """
 
-    kind: str = "local"
+    kind: ClusterKind = field(default="local", metadata=SITE)  # the CLI derives it from --workers / --scheduler
     workers: int = 1
     gpus: int = 0
     processes: bool | None = None
     address: str | None = None
-    threads: int = 0
-    memory_limit: str = "auto"
+    threads: int = field(default=0, metadata=SITE)
+    memory_limit: str = field(default="auto", metadata=SITE)
     # dask-jobqueue (slurm, pbs, lsf, sge, htcondor): one dask worker per job. Site
     # settings (queue, account, modules) come from the user's config, never from here.
-    queue: str | None = None
-    account: str | None = None
-    cores: int = 1
-    memory: str = "4GB"
-    walltime: str | None = None
-    disk: str | None = None  # htcondor needs it
-    gpus_per_job: int = 0
-    job_extra_directives: tuple[str, ...] = ()
-    job_script_prologue: tuple[str, ...] = ()
-    jobs: int = 1
-    minimum_jobs: int = 0
-    maximum_jobs: int = 0
-    interface: str | None = None
-    log_directory: str | None = None
-    python: str | None = None
+    queue: str | None = field(default=None, metadata=SITE)
+    account: str | None = field(default=None, metadata=SITE)
+    cores: int = field(default=1, metadata=SITE)
+    memory: str = field(default="4GB", metadata=SITE)
+    walltime: str | None = field(default=None, metadata=SITE)
+    disk: str | None = field(default=None, metadata=SITE)  # htcondor needs it
+    gpus_per_job: int = field(default=0, metadata=SITE)
+    job_extra_directives: tuple[str, ...] = field(default=(), metadata=SITE)
+    job_script_prologue: tuple[str, ...] = field(default=(), metadata=SITE)
+    jobs: int = field(default=1, metadata=SITE)
+    minimum_jobs: int = field(default=0, metadata=SITE)
+    maximum_jobs: int = field(default=0, metadata=SITE)
+    interface: str | None = field(default=None, metadata=SITE)
+    log_directory: str | None = field(default=None, metadata=SITE)
+    python: str | None = field(default=None, metadata=SITE)
     # every kind: worker resources such as {"GPU": 1}; blocks then ask for them, so
     # each worker runs one block at a time and blocks spread over all workers
-    resources: tuple[tuple[str, float], ...] = ()
-    retries: int = 3
-    wait_timeout: float = 300.0
+    resources: tuple[tuple[str, float], ...] = field(default=(), metadata=SITE)
+    retries: int = field(default=3, metadata=SITE)
+    wait_timeout: float = field(default=300.0, metadata=SITE)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", choose(self.kind, CLUSTER_KINDS, what="cluster kind"))
@@ -317,11 +361,11 @@ class SkipSpec:
 class RunConfig:
     """One segmentation run: built by the CLI (or YAML), recorded in the output's attributes."""
 
-    input: str
-    output: str
-    model: str
+    input: str = field(metadata=ARGUMENT)
+    output: str = field(metadata=ARGUMENT)
+    model: str = field(metadata=ARGUMENT)
     tiling: TilingSpec = field(default_factory=TilingSpec)
-    output_settings: OutputSettings = field(default_factory=OutputSettings)
+    output_settings: OutputSettings = field(default_factory=OutputSettings, metadata={"yaml": "output"})
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     device: str = "auto"
     amp: bool | None = None
@@ -332,6 +376,8 @@ class RunConfig:
     resume: bool = False
     part: tuple[int, int] | None = None
     nan_value: float | None = None  # replaces NaN and Inf in the input (unetflow.finite); None: refuse them
+    tuning: bool = False  # unetflow.tuning: allocator and Dask housekeeping settings, opt-in
+    trust_model_code: bool = False  # a bioimage.io package may run Python code it carries (issue 19)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", parse_device(self.device))
@@ -362,10 +408,6 @@ def parse_part(value: Any) -> tuple[int, int]:
     return i, n
 
 
-# YAML run configs: top-level keys and the RunConfig field each section fills
-SECTIONS = {"tiling": TilingSpec, "output": OutputSettings, "cluster": ClusterSpec}
-
-
 def load_yaml(path: str) -> dict[str, Any]:
     """Read a YAML config file into a dict; a clear error for a missing or bad file."""
     import yaml  # pyyaml: light, but only needed when a config file is given
@@ -382,42 +424,132 @@ def load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def _section(cls: type, data: Any, *, what: str) -> Any:
-    if isinstance(data, str) and cls is ClusterSpec:  # "cluster: local" shorthand
+@dataclass(frozen=True)
+class Setting:
+    """One user setting of a run: a leaf field of :class:`RunConfig`.
+
+    ``path`` is dotted (``tiling.block_shape``); ``param`` is its CLI parameter name
+    (``tiling__block_shape``); ``yaml`` its dotted YAML key (``tiling.block_shape``,
+    ``output.kind``); ``cli`` is True for a flag, False for a YAML-only site setting,
+    ``"argument"`` for INPUT / OUTPUT / --model.
+    """
+
+    path: str
+    yaml: str | None
+    cli: bool | str
+    default: Any
+    choices: tuple[str, ...] = ()  # the options of a Literal-typed setting
+
+    @property
+    def param(self) -> str:
+        return self.path.replace(".", "__")
+
+
+def _sections(cls: type) -> dict[str, type]:
+    """The fields of *cls* that are settings sections (frozen dataclasses)."""
+    out: dict[str, type] = {}
+    for f in dataclasses.fields(cls):
+        factory = f.default_factory
+        if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
+            out[f.name] = factory
+    return out
+
+
+def settings(cls: type | None = None, prefix: str = "", yaml_prefix: str = "") -> Iterator[Setting]:
+    """Every leaf setting of *cls* (default :class:`RunConfig`), depth first.
+
+    >>> next(s for s in settings() if s.path == "output_settings.kind").yaml
+    'output.kind'
+    """
+    cls = cls or RunConfig
+    sections = _sections(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        yaml_name = f.metadata.get("yaml", f.name)
+        if f.name in sections:
+            yield from settings(sections[f.name], f"{prefix}{f.name}.", f"{yaml_prefix}{yaml_name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        choices = get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
+        yield Setting(prefix + f.name, None if yaml_name is False else yaml_prefix + yaml_name, f.metadata.get("cli", True), default, choices)
+
+
+def setting(path: str) -> Setting:
+    """The setting at dotted *path*, e.g. ``setting("tiling.overlap").default == 0.25``."""
+    for s in settings():
+        if s.path == path:
+            return s
+    raise KeyError(path)
+
+
+def _known(cls: type, data: dict[str, Any], *, what: str) -> dict[str, Any]:
+    """*data*'s keys as *cls* field names (YAML names mapped, dashes allowed); unknown keys refused."""
+    names = {f.metadata.get("yaml", f.name): f.name for f in dataclasses.fields(cls) if f.metadata.get("yaml") is not False}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        close = {u: difflib.get_close_matches(u, names, n=1) for u in unknown}
+        hints = ", ".join(f"'{u}'" + (f" (did you mean '{c[0]}'?)" if c else "") for u, c in close.items())
+        raise ConfigError(f"{what} has unknown settings {hints}; known: {', '.join(sorted(names))}")
+    return {names[k]: v for k, v in data.items()}
+
+
+def from_mapping(cls: type, data: Any, *, what: str = "config", **fields: Any) -> Any:
+    """A *cls* from a YAML-style mapping: sections become nested specs, every value is
+    checked by the spec it lands in. *fields* (input, output, model) are added as given.
+    ``cluster: local`` is short for ``cluster: {kind: local}``; a cluster with only an
+    ``address`` is of kind ``address``."""
+    if isinstance(data, str) and cls is ClusterSpec:
         data = {"kind": data}
     if not isinstance(data, dict):
         raise ConfigError(f"{what} must be a mapping of settings, not {data!r}")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    if cls is ClusterSpec and "address" in data and "kind" not in data:
-        data["kind"] = "address"
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        close = {u: difflib.get_close_matches(u, known, n=1) for u in unknown}
-        hints = ", ".join(f"'{u}'" + (f" (did you mean '{c[0]}'?)" if c else "") for u, c in close.items())
-        raise ConfigError(f"{what} has unknown settings {hints}; known: {', '.join(sorted(known))}")
-    for name in ("block_shape", "patch_shape", "halo", "chunk_shape", "shard_shape"):
-        if data.get(name) is not None:
-            data[name] = parse_shape(data[name], what=name.replace("_", " "))
-    return cls(**data)
+    kwargs = _known(cls, data, what=what)
+    if cls is ClusterSpec and "address" in kwargs and "kind" not in kwargs:
+        kwargs["kind"] = "address"
+    for name, section in _sections(cls).items():
+        if name in kwargs:
+            yaml_name = next(f.metadata.get("yaml", f.name) for f in dataclasses.fields(cls) if f.name == name)
+            kwargs[name] = from_mapping(section, kwargs[name], what=f"config section '{yaml_name}'")
+    kwargs.update(fields)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field missing
+        raise ConfigError(f"{what}: {err}") from None
 
 
 def run_config_from_mapping(data: dict[str, Any], **fields: Any) -> RunConfig:
     """A :class:`RunConfig` from a YAML mapping plus *fields* (input, output, model...).
 
-    The mapping has sections ``tiling``, ``output`` and ``cluster`` (a mapping, or a
-    kind such as ``local``), and top-level ``device`` and ``amp``.
+    The mapping's keys are the settings of :func:`settings`: sections ``tiling``,
+    ``output``, ``cluster`` (a mapping, or a kind such as ``local``) and ``skip``, and
+    top-level ``device``, ``amp``, ``level``, ``compile``, ``resume``, ``part``...
     """
-    allowed = set(SECTIONS) | {"device", "amp", "resume", "part", "nan_value"}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ConfigError(f"config has unknown top-level keys {unknown}; known: {', '.join(sorted(allowed))}")
-    kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in ("device", "amp", "resume", "part", "nan_value")}
-    for key, cls in SECTIONS.items():
-        if key in data:
-            kwargs["output_settings" if key == "output" else key] = _section(cls, data[key], what=f"config section '{key}'")
-    kwargs.update(fields)
-    return RunConfig(**kwargs)
+    return from_mapping(RunConfig, data, what="config", **fields)
+
+
+def cluster_from_flags(workers: int = 1, gpus: int = 0, processes: bool | None = None, address: str | None = None) -> ClusterSpec:
+    """The cluster the CLI's ``--workers / --gpus / --processes / --scheduler`` describe:
+    a running scheduler, this process (``--workers 0``) or a local cluster."""
+    if address:
+        return ClusterSpec(kind="address", address=address)
+    if workers == 0 and not gpus:
+        return ClusterSpec(kind="inline")
+    return ClusterSpec(kind="local", workers=max(workers, 1), gpus=gpus, processes=None if gpus else processes)
+
+
+def from_flags(arguments: dict[str, Any], typed: dict[str, Any], *, yaml: dict[str, Any] | None = None) -> RunConfig:
+    """The run the CLI describes: the YAML config (if any), then every flag the user typed.
+
+    *typed* maps setting paths (``tiling.overlap``) to values; untyped flags are left
+    out, so defaults come from the specs alone. Typed cluster flags (workers, gpus,
+    processes, address) replace the YAML's cluster with the one they describe.
+    """
+    base = run_config_from_mapping(yaml or {}, **arguments)
+    cluster = {k.split(".", 1)[1]: v for k, v in typed.items() if k.startswith("cluster.")}
+    overrides = {k: v for k, v in typed.items() if not k.startswith("cluster.")}
+    if cluster:
+        overrides["cluster"] = cluster_from_flags(**cluster)
+    return apply_overrides(base, overrides)
 
 
 def apply_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
@@ -438,10 +570,6 @@ def apply_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     return dataclasses.replace(config, **top)
 
 
-TARGET_KINDS = ("auto", "instances", "classes")
-LOSSES = ("ce", "dice", "ce+dice")
-
-
 @dataclass(frozen=True)
 class TrainSpec:
     """How to train: data pairs, patches, schedule, loss and augmentation.
@@ -454,13 +582,13 @@ class TrainSpec:
     pairs: tuple[tuple[str, str], ...]
     output: str
     model: ModelSpec = field(default_factory=ModelSpec)
-    targets: str = "auto"
+    targets: Targets = "auto"
     patch_shape: tuple[int, ...] | None = None
     epochs: int = 50
     steps_per_epoch: int = 50
     batch_size: int = 4
     learning_rate: float = 1e-3
-    loss: str = "ce"
+    loss: Loss = "ce"
     w0: float = 10.0
     sigma: float = 5.0
     elastic_strength: float = 10.0
@@ -473,6 +601,7 @@ class TrainSpec:
     amp: bool | None = None
 
     def __post_init__(self) -> None:
+        _parse_shapes(self, "patch_shape")
         object.__setattr__(self, "device", parse_device(self.device))
         object.__setattr__(self, "targets", choose(self.targets, TARGET_KINDS, what="targets"))
         object.__setattr__(self, "loss", choose(self.loss, LOSSES, what="loss"))

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from unetflow import store
+from unetflow import formats
 from unetflow.config import ClusterSpec, OutputSettings, RunConfig, TilingSpec
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,10 @@ def run_demo(out_dir: str, shape: tuple[int, ...], *, workers: int = 2, seed: in
         report = segment(config, dispatch=dispatch)
     from unetflow.evaluate import evaluate
 
-    labels = store.open_input(pred_path)[...]
-    truth = store.open_input(f"{sample_path}/labels")[...]
+    labels = formats.open_input(pred_path)[...]
+    truth = formats.open_input(f"{sample_path}/labels")[...]
     scores = evaluate(labels, truth)
-    raw = store.open_input(f"{sample_path}/raw")[...]
+    raw = formats.open_input(f"{sample_path}/raw")[...]
     png = os.path.join(out_dir, "preview.png")
     write_preview(png, raw, labels, truth)
     return {

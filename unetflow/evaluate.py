@@ -173,11 +173,11 @@ def evaluate_arrays(prediction: str, truth: str) -> dict[str, float]:
     into instances by the rule of ``--output instances``
     (:func:`unetflow.label.instance_classes`, then :func:`unetflow.label.label_whole`).
     """
-    from unetflow import store
+    from unetflow import formats
     from unetflow.label import instance_classes, label_whole
 
-    pred = np.asarray(store.open_input(prediction)[...])
-    true = np.asarray(store.open_input(truth)[...])
+    pred = np.asarray(formats.open_input(prediction)[...])
+    true = np.asarray(formats.open_input(truth)[...])
     if pred.ndim == true.ndim + 1:
         probs, pred = pred, pred.argmax(axis=0)
         if len(probs) == 3:  # uint8 probabilities are stored as p * 255

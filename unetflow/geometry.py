@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 Shape = tuple[int, ...]
 
@@ -211,3 +211,15 @@ def mirror_indices(start: int, stop: int, n: int, mode: str = "reflect") -> list
     [2, 1, 0, 1, 2]
     """
     return [mirror_index(i, n, mode) for i in range(start, stop)]
+
+
+class NetGeometry(Protocol):
+    """What the plan needs to know of a network's sizes: :class:`unetflow.model.geometry.UNetGeometry`,
+    or an oracle net's (``unetflow.model.testing``)."""
+
+    padding: str
+    input_multiple: int
+    margin: int
+    receptive_radius: int
+
+    def output_size(self, n: int) -> int: ...

@@ -1,6 +1,10 @@
 """One block: read, normalise, predict patches, blend, convert, write, on the device.
 
-This is the code a worker runs. A :class:`BlockJob` carries everything it needs and
+This is the code a worker runs: the block loop, its writer pool and its cancel flag.
+Its parts live in rooms below it: :mod:`~unetflow.read` (rows of input, skip rules),
+:mod:`~unetflow.transfer` (host <-> device copies), :mod:`~unetflow.values`
+(normalise, convert), :mod:`~unetflow.blend` (windows and sums) and
+:mod:`~unetflow.job` (what travels to the worker and back). A :class:`BlockJob` carries everything it needs and
 is small and picklable; the model is loaded once per worker process and kept
 (:func:`unetflow.model.predictor.get_predictor`), as are the opened Zarr arrays.
 
@@ -24,23 +28,21 @@ import itertools
 import logging
 import math
 import os
-import resource
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
 
-from unetflow import finite, store
-from unetflow.blend import PlaneWindow, TensorPool
-from unetflow.config import NormSpec
+from unetflow import store
+from unetflow.memory import peak_rss
+from unetflow.blend import PlaneWindow
 from unetflow.geometry import Box
-from unetflow.label import INTERIOR_THRESHOLD, instance_classes, local_components
+from unetflow.label import local_components
 from unetflow.model.predictor import (
     Predictor,
     auto_batch_size,
@@ -48,204 +50,18 @@ from unetflow.model.predictor import (
     out_of_memory,
 )
 from unetflow.plan import Block, Plan, Tiling
+from unetflow.job import WRITE_THREADS, BlockJob, BlockResult
+from unetflow.read import RowReader, skip_reason
 from unetflow.telemetry import Clock
+from unetflow.transfer import MAX_PENDING_WRITES, Transfers
+from unetflow.values import _host_values, convert_values, written_dtype
 
 log = logging.getLogger(__name__)
-
-WRITE_THREADS = 2  # default writer pool per worker process
-MAX_PENDING_WRITES = 2  # at least this many slabs queued for the writers (write threads + 1)
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    """What the written output holds: ``probabilities`` (K channels), ``labels`` or ``instances``."""
-
-    kind: str = "probabilities"
-    dtype: str = "float32"
-    interior_threshold: float = INTERIOR_THRESHOLD  # instances: see unetflow.label.instance_classes
-
-
-@dataclass(frozen=True)
-class BlockJob:
-    """Everything a worker needs to compute any block of one run."""
-
-    input_path: str
-    output_path: str
-    plan: Plan
-    layout: store.Layout
-    source: Any
-    norm: NormSpec
-    norm_stats: tuple[tuple[float, float], ...]
-    output: OutputSpec = field(default_factory=OutputSpec)
-    mirror: str = "reflect"
-    batch_size: int = 4
-    device: str = "auto"
-    amp: bool | None = None
-    threads: int = 0
-    flush_planes: int = 0  # write finished planes (axis 0) in multiples of this; 0: once per block
-    skip_empty: bool = False
-    skip_threshold: float | None = None  # with skip_empty: also skip blocks whose input max is below it
-    mask_path: str | None = None
-    compile: bool = False
-    input_level: int | None = None
-    write_threads: int = 0  # compress + write threads per worker; 0: WRITE_THREADS
-    nan_value: float | None = None  # replaces NaN/Inf in raw reads (unetflow.finite.finite_block); None: refuse them
-
-
-@dataclass(frozen=True)
-class BlockResult:
-    """What a block reports back: seconds per stage (:mod:`unetflow.telemetry`), sizes, where it ran."""
-
-    block_id: int
-    n_patches: int
-    voxels: int
-    device: str
-    pid: int
-    stages: dict[str, float] = field(default_factory=dict)
-    seconds_wall: float = 0.0
-    objects: int = 0
-    peak_rss: int = 0  # bytes, the worker process's peak resident set so far
-    skipped: str = ""  # "", "empty" or "mask": written as the fill value, model not run
-    lanes: int = 1  # forward passes side by side (CPU lanes)
-    write_threads: int = 1
-    amp_check: dict[str, Any] | None = None  # the bf16 guard's measurement (model.predictor.Predictor.check_amp)
-    peak_device_memory: int = 0  # bytes, the GPU memory torch allocated at most in this worker so far (0 on a CPU)
-
-    @property
-    def seconds(self) -> float:
-        return self.seconds_wall
-
-    @property
-    def seconds_read(self) -> float:
-        return self.stages.get("read", 0.0)
-
-    @property
-    def seconds_compute(self) -> float:
-        """Seconds inside forward passes (summed over lanes; CUDA events on a GPU)."""
-        return self.stages.get("forward", 0.0)
-
-    @property
-    def seconds_write(self) -> float:
-        return self.stages.get("write", 0.0)
-
-    @property
-    def busy(self) -> float:
-        """Fraction of the block's wall time in forward passes, per lane (GPU busy on GPUs)."""
-        return self.seconds_compute / self.lanes / self.seconds_wall if self.seconds_wall > 0 else 0.0
-
-
-@lru_cache(maxsize=8)
-def _open_input(path: str, level: int | None = None) -> Any:
-    return store.open_input(path, level=level)
-
 
 @lru_cache(maxsize=8)
 def _open_output(path: str) -> Any:
     return store.open_output(path)
 
-
-# --- values: normalising and converting, on any device ----------------------------------
-
-# dtypes a raw row crosses to the device in (others are made float32 on the host first)
-_UPLOAD_DTYPES = {np.dtype(t) for t in ("bool", "uint8", "int8", "int16", "uint16", "int32", "float16", "float32")}
-
-
-def normalise_tensor(raw: torch.Tensor, norm: NormSpec, stats: tuple[tuple[float, float], ...], *, slab: int = 0,
-                     uint16_bits: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-    """A raw row (C, Z, ...) on its device, in its own dtype -> float32 as the model was trained to see it.
-
-    ``stats`` holds per channel (low, high) percentiles or (mean, std). *slab*: planes
-    per step along axis 1 (0: all at once; a few keep a CPU's work in its cache).
-    *uint16_bits*: *raw* is int16 holding uint16 bits (how uint16 crosses to a GPU:
-    torch's CUDA kernels do not convert uint16). *out*: a float32 tensor to write into.
-    """
-    if uint16_bits:
-        raw = raw.to(torch.int32).bitwise_and_(0xFFFF)
-    if out is None:
-        out = torch.empty(raw.shape, dtype=torch.float32, device=raw.device)
-    step = slab if slab > 0 else raw.shape[1]
-    for c in range(raw.shape[0]):
-        for z in range(0, raw.shape[1], step):
-            part = out[c, z : z + step]
-            part.copy_(raw[c, z : z + step])
-            if norm.kind != "none":
-                a, b = stats[c]
-                part.sub_(a).div_(max(b - a, 1e-6) if norm.kind == "percentile" else max(b, 1e-6))
-    return out
-
-
-def normalise(data: np.ndarray, norm: NormSpec, stats: tuple[tuple[float, float], ...]) -> np.ndarray:
-    """Raw input (C, ...) ndarray -> float32 ndarray: :func:`normalise_tensor` on the host."""
-    return normalise_tensor(torch.from_numpy(_uploadable(data)), norm, stats).numpy()
-
-
-def _uploadable(data: np.ndarray) -> np.ndarray:
-    data = np.ascontiguousarray(data)
-    return data if data.dtype in _UPLOAD_DTYPES else data.astype(np.float32)
-
-
-def norm_stats(samples: np.ndarray, norm: NormSpec) -> tuple[tuple[float, float], ...]:
-    """Per-channel statistics from *samples* (ndarray of shape (C, N))."""
-    if norm.kind == "none":
-        return tuple((0.0, 1.0) for _ in samples)
-    if norm.kind == "percentile":
-        lo, hi = np.percentile(samples.astype(np.float64), [norm.low, norm.high], axis=1)
-        return tuple((float(a), float(b)) for a, b in zip(lo, hi))
-    s = samples.astype(np.float64)
-    return tuple((float(m), float(d)) for m, d in zip(s.mean(axis=1), s.std(axis=1)))
-
-
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
-
-
-def written_dtype(output: OutputSpec) -> torch.dtype:
-    """The torch dtype converted values have on the device (instances: the uint8 class map)."""
-    if output.kind == "instances":
-        return torch.uint8
-    if output.kind == "labels" and output.dtype != "uint8":
-        return torch.int32  # argmax ids; widened to the written unsigned type on the host
-    return _TORCH_DTYPES[output.dtype]
-
-
-def convert_values(values: torch.Tensor, output: OutputSpec, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Blended values (K, ...) float32 -> what is written, on their device (into *out* if given).
-
-    ``probabilities`` in a dtype (uint8: x255, rounded half to even, clipped); ``labels``:
-    the argmax; ``instances``: the class map of :func:`unetflow.label.instance_classes`.
-    """
-    if output.kind == "instances":
-        result = instance_classes(values, output.interior_threshold)
-    elif output.kind == "labels":
-        result = values.argmax(dim=0)
-    elif output.dtype == "uint8":
-        result = values.mul(255.0).round_().clamp_(0, 255)
-    else:
-        result = values
-    if out is None:
-        return result.to(written_dtype(output))
-    return out.copy_(result)
-
-
-def convert_output(values: np.ndarray, output: OutputSpec) -> tuple[np.ndarray, int]:
-    """Blended values (K, ...) ndarray -> what is written, and the block's object count (instances).
-
-    ``instances``: the block's confident-interior components numbered locally (steps 0
-    and 1 of :mod:`unetflow.label`).
-    """
-    data = _host_values(convert_values(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)), output), output)
-    if output.kind == "instances":
-        return local_components(data)
-    return data, 0
-
-
-def _host_values(t: torch.Tensor, output: OutputSpec) -> np.ndarray:
-    data = t.numpy()
-    if output.kind == "labels" and data.dtype != np.dtype(output.dtype):
-        data = data.astype(output.dtype)
-    return data
-
-
-# --- whole images and blocks in memory ------------------------------------------------------
 
 
 def predict_patches(plan: Plan, block: Block, image: np.ndarray, predictor: Predictor, *, batch_size: int) -> np.ndarray:
@@ -288,8 +104,6 @@ def predict_array(predictor: Predictor, image: np.ndarray, tiling: Tiling, *, ba
     return predict_patches(plan, block, padded, predictor, batch_size=batch_size)
 
 
-# --- one block of a run ----------------------------------------------------------------------
-
 
 def run_block(job: BlockJob, block_id: int) -> BlockResult:
     """Compute and write one block. Idempotent: running it twice writes the same bytes.
@@ -313,7 +127,7 @@ def run_block(job: BlockJob, block_id: int) -> BlockResult:
         with torch.inference_mode():
             objects = _run_block(job, block, predictor, clock)
     except torch.cuda.OutOfMemoryError:
-        raise out_of_memory(predictor.device, auto_batch_size(predictor, job.plan.tiling.patch, job.batch_size), job.plan.tiling.patch) from None
+        raise out_of_memory(predictor.device, auto_batch_size(predictor, job.plan.tiling.patch, job.tiling.batch_size), job.plan.tiling.patch) from None
     wall = time.perf_counter() - t0
     stages = clock.totals()
     log.debug("block %d write %s read %s patches %d on %s: %.3fs, %s", block_id, block.write_box, block.read_box, block.n_patches,
@@ -328,7 +142,7 @@ def _write_threads(job: BlockJob) -> int:
     return job.write_threads if job.write_threads > 0 else WRITE_THREADS
 
 
-def _run_block(job: BlockJob, block: Block, predictor: Predictor, clock: Clock) -> int:
+def _run_block(job: BlockJob, block: Block, predictor: Predictor, clock: Clock) -> int:  # long: its closures share the block's transfers, writer queue and count
     """Stream *block* through the predictor and write it; the object count (instances)."""
     moves = Transfers(predictor.device)
     writer = _pool("write", _write_threads(job))
@@ -385,7 +199,7 @@ def _run_block(job: BlockJob, block: Block, predictor: Predictor, clock: Clock) 
             writes.append(writer.submit(write, part, values, ready))
 
     try:
-        stream_block(job.plan, block, predictor, clock, read_row=read_row, emit=emit, batch_size=job.batch_size,
+        stream_block(job.plan, block, predictor, clock, read_row=read_row, emit=emit, batch_size=job.tiling.batch_size,
                      flush_planes=0 if whole else job.flush_planes, arrive=moves.arrive, row_done=moves.release)
     finally:
         with clock.host("drain"):
@@ -401,146 +215,12 @@ def _cpu_slab(classes: int, box: Box, elements: int = 2**19) -> int:
     return max(1, elements // max(1, classes * math.prod(box.shape[1:])))
 
 
-class Transfers:
-    """Host <-> device copies on their own CUDA streams, ordered by events; on a CPU,
-    nothing is copied.
-
-    ``upload`` (reader thread): raw row -> pinned memory -> device (in its own dtype;
-    uint16 as int16 bits) -> normalised float32, on the upload stream. ``arrive`` (block
-    loop) makes the compute stream wait for it. ``download``: converted planes -> pinned
-    host memory on the download stream; ``wait`` (writer thread) until they are there.
-    Pinned buffers come from torch's caching host allocator, reused once their copy is done.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.up = torch.cuda.Stream(device) if self.cuda else None
-        self.down = torch.cuda.Stream(device) if self.cuda else None
-
-    def upload(self, parts: list[np.ndarray], norm: NormSpec, stats: tuple[tuple[float, float], ...], *,
-               slab: int = 0) -> tuple[torch.Tensor, Any]:
-        """Raw *parts* (consecutive along axis 1 of one row) -> the normalised row on the device."""
-        parts = [_uploadable(p) for p in parts]
-        shape = (parts[0].shape[0], sum(p.shape[1] for p in parts), *parts[0].shape[2:])
-        if not self.cuda:
-            row = _HOST_BUFFERS.take(shape, torch.float32)
-            z = 0
-            for p in parts:
-                normalise_tensor(torch.from_numpy(p), norm, stats, slab=slab, out=row[:, z : z + p.shape[1]])
-                z += p.shape[1]
-            return row, None
-        uint16 = parts[0].dtype == np.uint16
-        with torch.cuda.stream(self.up):
-            x = torch.empty(shape, dtype=torch.int16 if uint16 else torch.from_numpy(parts[0][:0]).dtype, device=self.device)
-            z = 0
-            for p in parts:
-                x[:, z : z + p.shape[1]].copy_(torch.from_numpy(p.view(np.int16) if uint16 else p).pin_memory(), non_blocking=True)
-                z += p.shape[1]
-            image = normalise_tensor(x, norm, stats, uint16_bits=uint16)
-            return image, self.up.record_event()
-
-    def arrive(self, image: torch.Tensor, ready: Any) -> torch.Tensor:
-        if ready is not None:
-            stream = torch.cuda.current_stream(self.device)
-            stream.wait_event(ready)
-            image.record_stream(stream)
-        return image
-
-    def output_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """Where converted planes go: device memory (torch's cache), or on a CPU a host
-        buffer reused across flushes and blocks (a fresh one would page-fault in again)."""
-        if self.cuda:
-            return torch.empty(shape, dtype=dtype, device=self.device)
-        return _HOST_BUFFERS.take(shape, dtype)
-
-    def release(self, host: torch.Tensor) -> None:
-        """*host* (from :meth:`download`, or a row from :meth:`upload` whose patches all
-        ran) is no longer used: on a CPU it goes back to the pool."""
-        if not self.cuda:
-            _HOST_BUFFERS.give(host)
-
-    def download(self, values: torch.Tensor, clock: Clock | None = None) -> tuple[torch.Tensor, Any]:
-        if not self.cuda:
-            return values, None
-        computed = torch.cuda.current_stream(self.device).record_event()
-        with torch.cuda.stream(self.down):
-            self.down.wait_event(computed)  # timed after the wait: the copy alone
-            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            with clock.device("download", self.down) if clock is not None else contextlib.nullcontext():
-                host.copy_(values, non_blocking=True)
-            values.record_stream(self.down)
-            return host, self.down.record_event()
-
-    @staticmethod
-    def wait(ready: Any) -> None:
-        if ready is not None:
-            ready.synchronize()
-
-
-class RowReader:
-    """A block's rows of input (each a patch deep along axis 0), read in whole input
-    chunks along axis 0 and kept while later rows need them: consecutive rows overlap,
-    and each chunk is decoded once (reading each row on its own decoded the chunks
-    under an overlap twice). Inputs chunked deeper than four patches are read row by row.
-    """
-
-    def __init__(self, job: BlockJob, block: Block) -> None:
-        self.job = job
-        self.array = _open_input(job.input_path, job.input_level)
-        chunks = getattr(self.array, "chunks", None)
-        depth = int(chunks[1 if job.layout.has_channel else 0]) if chunks else 0
-        self.depth = depth if 0 < depth <= 4 * job.plan.tiling.patch[0] else 0
-        self.lo, self.hi = block.read_box.offset[0], block.read_box.stop[0]
-        self._slabs: dict[int, np.ndarray] = {}
-
-    def _read(self, box: Box) -> np.ndarray:
-        j = self.job
-        raw = store.read_box(self.array, box, layout=j.layout, mode=j.mirror, name=j.input_path)
-        return finite.finite_block(raw, nan_value=j.nan_value, name=j.input_path, box=box)  # issue 15: before normalising
-
-    def __call__(self, box: Box) -> list[np.ndarray]:
-        """The raw input of *box*, as consecutive parts along axis 0 (views of the kept
-        chunks: not joined, so no row-sized copy is made on the host)."""
-        if not self.depth:
-            return [self._read(box)]
-        d, z0, z1 = self.depth, box.offset[0], box.stop[0]
-        first, last = z0 // d, (z1 - 1) // d
-        for k in [k for k in self._slabs if k < first]:
-            del self._slabs[k]
-        parts = []
-        for k in range(first, last + 1):
-            if k not in self._slabs:
-                a, b = max(k * d, self.lo), min((k + 1) * d, self.hi)
-                self._slabs[k] = self._read(Box((a, *box.offset[1:]), (b - a, *box.shape[1:])))
-            a = max(k * d, self.lo)
-            parts.append(self._slabs[k][:, max(z0, a) - a : min(z1, (k + 1) * d) - a])
-        return parts
-
-
-_HOST_BUFFERS = TensorPool(keep=MAX_PENDING_WRITES + 1)  # rows and converted planes (CPU)
-
-
-def peak_rss() -> int:
-    """This process's peak resident set in bytes.
-
-    Linux ``VmHWM`` (reset by exec); ``ru_maxrss`` would be inherited from the
-    process that spawned the worker (the driver) and overstate a worker's peak.
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-# --- the streamed block loop -----------------------------------------------------------------
-
 _POOLS: dict[str, ThreadPoolExecutor] = {}
+
+
 _POOLS_LOCK = threading.Lock()
+
+
 _CANCELLED = threading.Event()
 
 
@@ -597,7 +277,7 @@ def _flush_to(write_box: Box, unit: int, next_start: int | None) -> int:
     return write_box.offset[0] + ((done - write_box.offset[0]) // unit) * unit
 
 
-def stream_block(plan: Plan, block: Block, predictor: Predictor, clock: Clock, *,
+def stream_block(plan: Plan, block: Block, predictor: Predictor, clock: Clock, *,  # long: one loop over rows, the pipeline's order in one place
                  read_row: Callable[[Box], Any], emit: Callable[[Box, PlaneWindow, int], None], batch_size: int,
                  flush_planes: int = 0, arrive: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
                  row_done: Callable[[torch.Tensor], None] | None = None) -> None:
@@ -697,51 +377,3 @@ def patch_batch(tiling: Tiling, image: torch.Tensor, image_box: Box, starts: lis
     if len(boxes) == 1:  # a view: one patch needs no copy (the net reads it strided)
         return image[(slice(None),) + boxes[0].to_slices()].unsqueeze(0)
     return torch.stack([image[(slice(None),) + b.to_slices()] for b in boxes])
-
-
-# --- skipping blocks without signal ---------------------------------------------------
-
-
-def skip_reason(job: BlockJob, block: Block) -> str:
-    """``"mask"`` if the block lies outside the foreground mask, ``"empty"`` if its
-    input is constant (or below ``skip_threshold``) and ``skip_empty`` is on, else ``""``."""
-    if job.mask_path and not mask_has_foreground(job.mask_path, block.write_box, job.layout.spatial_shape):
-        return "mask"
-    if job.skip_empty and input_is_empty(job, block):
-        return "empty"
-    return ""
-
-
-def scale_box(box: Box, image_shape: tuple[int, ...], mask_shape: tuple[int, ...]) -> Box:
-    """*box* in image voxels -> the mask voxels that cover it (any mask resolution).
-
-    >>> scale_box(Box((4, 0), (4, 3)), (8, 6), (2, 3))
-    Box(offset=(1, 0), shape=(1, 2))
-    """
-    lo = [o * m // n for o, m, n in zip(box.offset, mask_shape, image_shape)]
-    hi = [max(a + 1, -(-(o + s) * m // n)) for a, o, s, m, n in zip(lo, box.offset, box.shape, mask_shape, image_shape)]
-    return Box.from_bounds(lo, [min(h, m) for h, m in zip(hi, mask_shape)])
-
-
-def mask_has_foreground(mask_path: str, box: Box, image_shape: tuple[int, ...]) -> bool:
-    mask = _open_input(mask_path)
-    mask_shape = tuple(int(n) for n in mask.shape[-len(image_shape):])
-    layout = store.Layout(len(mask.shape) > len(image_shape), 1, mask_shape)
-    region = store.read_box(mask, scale_box(box, image_shape, mask_shape), layout=layout, name=mask_path)
-    return bool(np.any(region))
-
-
-def input_is_empty(job: BlockJob, block: Block, planes: int = 64) -> bool:
-    """Whether the block's raw read box is constant or (with a threshold) all below it.
-
-    Read in slabs of *planes* along axis 0, stopping at the first sign of signal."""
-    rb = block.read_box
-    lo, hi = math.inf, -math.inf
-    for z in range(rb.offset[0], rb.stop[0], planes):
-        box = Box((z, *rb.offset[1:]), (min(planes, rb.stop[0] - z), *rb.shape[1:]))
-        raw = store.read_box(_open_input(job.input_path, job.input_level), box, layout=job.layout, mode=job.mirror, name=job.input_path)
-        lo, hi = min(lo, float(raw.min())), max(hi, float(raw.max()))
-        below = job.skip_threshold is not None and hi < job.skip_threshold
-        if hi > lo and not below:
-            return False
-    return True

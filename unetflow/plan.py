@@ -29,24 +29,13 @@ import math
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Sequence
 
-from unetflow.config import choose
+from unetflow.config import Blend
 from unetflow.errors import ShapeError
-from unetflow.geometry import Box, Shape, grid_counts, patch_index_range, patch_starts
+from unetflow.geometry import Box, NetGeometry, Shape, grid_counts, patch_index_range, patch_starts
 
-BLENDS = ("gaussian", "constant", "crop")
-
-
-class NetGeometry(Protocol):
-    """What the plan needs to know of a network (see ``unetflow.model.geometry``)."""
-
-    padding: str
-    input_multiple: int
-    margin: int
-    receptive_radius: int
-
-    def output_size(self, n: int) -> int: ...
+__all__ = ["NetGeometry"]  # re-exported: the plan is where it is used
 
 
 @dataclass(frozen=True)
@@ -85,7 +74,7 @@ def make_tiling(
     net: NetGeometry,
     patch: Sequence[int],
     *,
-    blend: str = "gaussian",
+    blend: Blend = "gaussian",
     overlap: float = 0.25,
     halo: Sequence[int] | None = None,
     allow_small_halo: bool = False,
@@ -102,13 +91,10 @@ def make_tiling(
         net.output_size(p)  # raises a ShapeError naming the nearest valid sizes
     if net.padding == "valid":
         return _tile_tiling(net, patch)
-    mode = choose(blend, BLENDS, what="blend mode")
-    if mode == "crop":
+    if blend == "crop":  # blend and overlap were checked once, by config.TilingSpec
         return _crop_tiling(net, patch, halo, allow_small_halo)
-    if not 0.0 <= overlap < 1.0:
-        raise ShapeError(f"overlap {overlap} must be in [0, 1); 0.25 or 0.5 are usual")
     step = tuple(max(1, p - int(round(p * overlap))) for p in patch)
-    return Tiling("blend", patch, patch, step, (0,) * len(patch), (0,) * len(patch), mode)
+    return Tiling("blend", patch, patch, step, (0,) * len(patch), (0,) * len(patch), blend)
 
 
 def _aligned_step(tile: int, multiple: int, *, what: str) -> int:

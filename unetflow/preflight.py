@@ -1,7 +1,7 @@
 """Checks of a segmentation's settings before any work (issue 15): touches nothing.
 
 :func:`check` runs before the model loads or a cluster starts (the CLI calls it first,
-:func:`unetflow.run.prepare` again): where the output lies against the input, mask and
+:func:`unetflow.resolve.resolve` again): where the output lies against the input, mask and
 model; what ``--overwrite`` would remove; whether the output exists; whether its
 location is writable; whether the device exists. Torch is imported only when a GPU or
 a named device is asked for. Checks that need the image and the plan (zero-size
@@ -34,9 +34,17 @@ def check(config: RunConfig) -> None:
 
 def check_paths(config: RunConfig) -> None:
     """The output (and its run folder) may not be, lie inside or contain the input, the
-    mask or the model (resolved paths, symlinks and URLs compared)."""
+    mask or the model (resolved paths, symlinks and URLs compared); except labels written
+    into the input's own ``labels`` group, if the input can take them (:mod:`unetflow.formats.attach`)."""
+    from unetflow.formats import attach
+
     others = [("input", config.input), ("mask", config.skip.mask), ("model", config.model)]
-    store.check_apart(config.output, others)
+    into = attach.target(config.output)
+    if into is not None:  # labels into the input's own labels group (issue 18): refused unless it can take them
+        attach.check(into, input_path=config.input, kind=config.output_settings.kind, level=config.level)
+        if not config.dry_run:
+            attach.check_writable(into)
+    store.check_apart(config.output, others[1:] if into is not None else others)
     store.check_apart(str(resume.RunDir(config.output).path), others, what="run folder")
 
 
@@ -58,8 +66,11 @@ def check_existing_output(config: RunConfig) -> None:
 
 
 def scratch_path(output: str) -> str:
-    """Where phase 1 of instance labelling writes local ids (removed when the run ends)."""
-    return os.path.abspath(output).rstrip("/") + ".instances-scratch"
+    """Where phase 1 of instance labelling writes local ids (removed when the run ends):
+    beside the output, or beside the input image that labels are written into."""
+    from unetflow.formats import attach
+
+    return os.path.abspath(attach.beside(output)) + ".instances-scratch"
 
 
 def check_device_here(config: RunConfig) -> None:

@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import resource
 import shutil
 import socket
 import threading
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from unetflow.errors import ConfigError, LockedError, OutputWriteError
+from unetflow.memory import peak_rss
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +78,75 @@ def part_blocks(n_blocks: int, part: tuple[int, int] | None) -> list[int]:
     return list(range(i - 1, n_blocks, n))
 
 
+# ---- labels written into an input image (issue 18): OUTPUT = IMAGE/labels/NAME ---------
+
+LABELS = "labels"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A label image to write inside an image group: ``image/labels/name``."""
+
+    image: str  # the image group's folder
+    name: str
+
+    @property
+    def labels(self) -> str:
+        return os.path.join(self.image, LABELS)
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.labels, self.name)
+
+    @property
+    def beside(self) -> str:
+        """Where the run keeps its own files (run folder, instances scratch): beside the image, outside it."""
+        return f"{self.image.rstrip('/')}.{LABELS}-{self.name}"
+
+
+def target(output: str) -> Target | None:
+    """The label image *output* names, when it is ``IMAGE/labels/NAME`` and IMAGE is a Zarr group.
+
+    Looks only at the path and whether IMAGE holds Zarr metadata (``zarr.json``,
+    ``.zgroup`` or ``.zattrs``); a folder merely called ``labels`` elsewhere is not one.
+
+    >>> target("/nowhere/raw.ome.zarr/labels/nuclei") is None  # no Zarr group there
+    True
+    """
+    output = str(output)
+    if "://" in output:
+        return None
+    parent, name = os.path.split(output.rstrip("/"))
+    image, group = os.path.split(parent)
+    if group != LABELS or not name or not image:
+        return None
+    if not any(os.path.isfile(os.path.join(image, f)) for f in ("zarr.json", ".zgroup", ".zattrs")):
+        return None
+    return Target(image, name)
+
+
+def beside(output: str) -> str:
+    """The path a run's own files are named after: *output*, or for labels written into an
+    input image, ``IMAGE.labels-NAME`` beside that image (never inside its Zarr hierarchy)."""
+    t = target(output)
+    return t.beside if t is not None else str(output).rstrip("/")
+
+
 @dataclass(frozen=True)
 class RunDir:
     """The run folder of one output: ``<output>.unetflow``, beside the store, never inside it.
 
     Every caller finds the folder through this class (never by building the path), so
-    its place is decided here only. Local paths only, as are outputs.
+    its place is decided here only. Local paths only, as are outputs. Labels written into
+    an input image (``IMAGE/labels/NAME``) have it beside the image, outside its Zarr
+    hierarchy: ``IMAGE.labels-NAME.unetflow`` (:func:`beside`).
     """
 
     output: str
 
     @property
     def path(self) -> Path:
-        return Path(str(self.output).rstrip("/") + RUN_DIR)
+        return Path(beside(str(self.output)) + RUN_DIR)
 
     @property
     def done_dir(self) -> Path:
@@ -165,7 +221,7 @@ def is_unetflow_output(output: str | os.PathLike[str]) -> bool:
 
 IGNORED = {
     # where and how a run executes does not change what it writes
-    ("output",), ("model",), ("cluster",), ("dry_run",), ("resume",), ("part",), ("device",),
+    ("output",), ("model",), ("cluster",), ("dry_run",), ("resume",), ("part",), ("device",), ("tuning",), ("trust_model_code",),
     ("output_settings", "overwrite"), ("output_settings", "write_threads"), ("tiling", "batch_size"),
 }
 
@@ -279,7 +335,7 @@ class MarkDone:
             if err.errno not in STORAGE_ERRNOS:
                 raise
             raise OutputWriteError(storage_failure(job, block_id, err)) from None
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        peak = peak_rss()
         return Outcome(result, host, pid, job_id, peak)
 
 
@@ -422,15 +478,6 @@ def acquire(run_dir: RunDir, part: tuple[int, int] | None, *, takeover: bool) ->
             json.dump(holder, f)
         return Lock(path, holder)
     raise LockedError(f"could not take the lock {path}; another run keeps taking it")
-
-
-@contextlib.contextmanager
-def locked(run_dir: RunDir, part: tuple[int, int] | None, *, takeover: bool) -> Iterator[Lock]:
-    lock = acquire(run_dir, part, takeover=takeover)
-    try:
-        yield lock
-    finally:
-        lock.release()
 
 
 # ---- the run report ----------------------------------------------------------------

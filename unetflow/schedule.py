@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from unetflow.config import ClusterSpec, RunConfig
 from unetflow.errors import BlockFailedError, UnetflowError
-from unetflow.worker import MMAP_THRESHOLD, TRIM_THRESHOLD
+from unetflow import tuning
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def cpu_threads_per_worker(spec: ClusterSpec) -> int:
 
 
 @contextlib.contextmanager
-def open_client(spec: ClusterSpec, *, log_directory: str | None = None) -> Iterator[Any]:
+def open_client(spec: ClusterSpec, *, log_directory: str | None = None, tuned: bool = False) -> Iterator[Any]:
     """A ``distributed.Client`` for *spec*; starts (and stops) a cluster when it is local.
 
     ``--gpus N`` starts one single-threaded worker per GPU with ``CUDA_VISIBLE_DEVICES``
@@ -50,19 +50,20 @@ def open_client(spec: ClusterSpec, *, log_directory: str | None = None) -> Itera
     ``slurm``, ``pbs``, ``lsf``, ``sge`` and ``htcondor`` start a dask-jobqueue cluster
     whose workers are batch jobs (job logs go to *log_directory* unless the spec names one).
     A worker lost mid-block (a cancelled job) has its blocks rerun elsewhere: the
-    scheduler allows ``spec.retries`` such losses per block.
+    scheduler allows ``spec.retries`` such losses per block. *tuned*: the workers get
+    :mod:`unetflow.tuning`'s settings.
     """
     import dask
     from distributed import Client
 
-    settings = {"distributed.scheduler.allowed-failures": max(1, spec.retries), **worker_dask_config()}
+    settings = {"distributed.scheduler.allowed-failures": max(1, spec.retries), **worker_dask_config(tuned)}
     if spec.kind == "address":
         with dask.config.set(settings), contextlib.closing(Client(spec.address, timeout="30s", set_as_default=False)) as client:
             yield client
         return
-    with dask.config.set(settings), worker_environ():
+    with dask.config.set(settings), tuning.spawn_environ(tuned), environ_restored():
         if spec.is_jobqueue:
-            cluster = _jobqueue_cluster(spec, log_directory=log_directory)
+            cluster = _jobqueue_cluster(spec, log_directory=log_directory, tuned=tuned)
         else:
             cluster = _gpu_cluster(spec) if spec.gpus else _cpu_cluster(spec)
         # not the default client: a default is bound to the thread that made it, and a
@@ -71,6 +72,20 @@ def open_client(spec: ClusterSpec, *, log_directory: str | None = None) -> Itera
             wait = (1, spec.wait_timeout) if spec.is_jobqueue else (expected_workers(spec), 120)
             client.wait_for_workers(wait[0], timeout=wait[1])
             yield client
+
+
+@contextlib.contextmanager
+def environ_restored() -> Iterator[None]:
+    """Give this process its environment back when a local cluster stops: distributed's
+    nannies write their workers' variables (``pre-spawn-environ``) into the parent's
+    ``os.environ`` before they spawn, and the parent is the caller's process."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        os.environ.update(saved)
 
 
 class Dispatcher:
@@ -84,9 +99,10 @@ class Dispatcher:
     dispatch opens the cluster; a run with no blocks to do opens none.
     """
 
-    def __init__(self, spec: ClusterSpec, *, log_directory: str | None = None) -> None:
+    def __init__(self, spec: ClusterSpec, *, log_directory: str | None = None, tuned: bool = False) -> None:
         self.spec = spec
         self.log_directory = log_directory
+        self.tuned = tuned
         self._stack = contextlib.ExitStack()
         self._client: Future[Any] | None = None
 
@@ -94,7 +110,7 @@ class Dispatcher:
     def for_run(cls, config: RunConfig, *, log_directory: str | None = None, start: bool = True) -> "Dispatcher":
         """The dispatcher of one run, already starting its cluster when *start* and
         :func:`starts_early` allow it (otherwise its first dispatch starts it)."""
-        dispatch = cls(config.cluster, log_directory=log_directory)
+        dispatch = cls(config.cluster, log_directory=log_directory, tuned=config.tuning)
         if start and starts_early(config):
             dispatch.start()
         return dispatch
@@ -104,7 +120,7 @@ class Dispatcher:
         if self.spec.kind == "inline" or self._client is not None:
             return
         pool = ThreadPoolExecutor(1, thread_name_prefix="unetflow-cluster-start")
-        self._client = pool.submit(self._stack.enter_context, open_client(self.spec, log_directory=self.log_directory))
+        self._client = pool.submit(self._stack.enter_context, open_client(self.spec, log_directory=self.log_directory, tuned=self.tuned))
         pool.shutdown(wait=False)
 
     def __call__(self, fn: Callable[[Any, int], Any], job: Any, block_ids: Sequence[int], *, on_result: Callable[[Any], None]) -> list[BlockFailure]:
@@ -193,7 +209,7 @@ def jobqueue_class(kind: str) -> Any:
     return getattr(dask_jobqueue, JOBQUEUE_CLASSES[kind])
 
 
-def jobqueue_options(spec: ClusterSpec, *, log_directory: str | None = None) -> dict[str, Any]:
+def jobqueue_options(spec: ClusterSpec, *, log_directory: str | None = None, tuned: bool = False) -> dict[str, Any]:
     """Keyword arguments for the dask-jobqueue cluster class: one worker process per job."""
     import sys
 
@@ -211,7 +227,7 @@ def jobqueue_options(spec: ClusterSpec, *, log_directory: str | None = None) -> 
         "processes": 1,
         "memory": spec.memory,
         "job_extra_directives": directives,
-        "job_script_prologue": [f"export {k}={v!r}" for k, v in job_env().items()] + list(spec.job_script_prologue),
+        "job_script_prologue": [f"export {k}={v!r}" for k, v in job_env(tuned).items()] + list(spec.job_script_prologue),
         "worker_extra_args": worker_args,
         "python": spec.python or sys.executable,
         "log_directory": spec.log_directory or log_directory,
@@ -235,9 +251,9 @@ def jobqueue_options(spec: ClusterSpec, *, log_directory: str | None = None) -> 
     return options
 
 
-def _jobqueue_cluster(spec: ClusterSpec, *, log_directory: str | None = None) -> Any:
+def _jobqueue_cluster(spec: ClusterSpec, *, log_directory: str | None = None, tuned: bool = False) -> Any:
     cls = jobqueue_class(spec.kind)
-    options = jobqueue_options(spec, log_directory=log_directory)
+    options = jobqueue_options(spec, log_directory=log_directory, tuned=tuned)
     if options["log_directory"]:
         os.makedirs(options["log_directory"], exist_ok=True)
     cluster = cls(**options)
@@ -249,72 +265,28 @@ def _jobqueue_cluster(spec: ClusterSpec, *, log_directory: str | None = None) ->
     return cluster
 
 
-# glibc malloc settings for worker processes (read by glibc at process start). Arrays of
-# 4 MiB and more (activations, rows of patches, accumulator planes) get their own
-# mappings, returned to the OS when freed, so the heap does not fragment block after
-# block and a worker's peak memory stays flat however many blocks it runs; those
-# mappings use transparent huge pages (madvise), which also makes the model's large
-# buffers cheaper to fault in (measured in BENCHMARKS.md). A GLIBC_TUNABLES that the
-# user set wins; glibc < 2.35 ignores the hugetlb tunable. A worker in the driver's
-# process gets the same effects from unetflow.worker.tune_allocator. The trim threshold:
-# see unetflow.worker.TRIM_THRESHOLD.
-WORKER_MALLOC_TUNABLES = (
-    f"glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold={MMAP_THRESHOLD}:glibc.malloc.trim_threshold={TRIM_THRESHOLD}"
-)
-
-# Dask settings for the clusters unetflow starts. A worker's periodic housekeeping (the
-# statistical profiler every 10 ms, the event-loop tick every 20 ms, the memory monitor
-# every 100 ms) woke up often enough on a 2-core machine to slow the model by 8 %
-# (BENCHMARKS.md, issue 6): the profiler is off (the dashboard's profile page stays
-# empty) and the others run once a second (memory limits are enforced a little later).
-WORKER_DASK_CONFIG = {
-    "distributed.worker.profile.enabled": False,
-    "distributed.admin.tick.interval": "1s",
-    "distributed.worker.memory.monitor-interval": "1s",
-    "distributed.admin.system-monitor.interval": "2s",
-}
-
 # The preload every worker of a unetflow cluster runs at its start (imports torch and the
 # block code before the first block arrives: see unetflow/worker.py).
 WORKER_PRELOAD = "unetflow.worker"
 
 
-def worker_dask_config() -> dict[str, Any]:
-    """:data:`WORKER_DASK_CONFIG` plus :data:`WORKER_PRELOAD` added to the user's own preloads."""
+def worker_dask_config(tuned: bool = False) -> dict[str, Any]:
+    """:data:`WORKER_PRELOAD` added to the user's own preloads, and with *tuned* the
+    housekeeping settings of :mod:`unetflow.tuning`."""
     import dask
 
     preload = list(dask.config.get("distributed.worker.preload", None) or [])
-    return {**WORKER_DASK_CONFIG, "distributed.worker.preload": preload + [WORKER_PRELOAD] * (WORKER_PRELOAD not in preload)}
+    return {**tuning.dask_config(tuned), "distributed.worker.preload": preload + [WORKER_PRELOAD] * (WORKER_PRELOAD not in preload)}
 
 
-def worker_env() -> dict[str, str]:
-    """Environment variables unetflow sets for the worker processes it starts."""
-    return {"GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES") or WORKER_MALLOC_TUNABLES}
-
-
-def job_env() -> dict[str, str]:
-    """:func:`worker_env` plus :func:`worker_dask_config` as ``DASK_*`` variables, for batch
-    jobs: a local cluster's nannies hand the driver's Dask config to their workers, a
-    batch job's worker reads its own."""
-    env = worker_env()
-    for key, value in worker_dask_config().items():
+def job_env(tuned: bool = False) -> dict[str, str]:
+    """:func:`unetflow.tuning.worker_env` plus :func:`worker_dask_config` as ``DASK_*``
+    variables, for batch jobs: a local cluster's nannies hand the driver's Dask config to
+    their workers, a batch job's worker reads its own."""
+    env = tuning.worker_env(tuned)
+    for key, value in worker_dask_config(tuned).items():
         env["DASK_" + key.upper().replace(".", "__").replace("-", "_")] = str(value)
     return env
-
-
-@contextlib.contextmanager
-def worker_environ() -> Iterator[None]:
-    """Start workers with :data:`WORKER_MALLOC_TUNABLES` and without distributed's
-    ``MALLOC_TRIM_THRESHOLD_`` (which, on its own, turns off glibc's dynamic mmap
-    threshold so that every activation tensor is unmapped and faulted in afresh).
-    """
-    import dask
-
-    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
-    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    environ.update(worker_env())
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-        yield
 
 
 def worker_processes(spec: ClusterSpec) -> bool:

@@ -24,52 +24,12 @@ import zarr
 import zarr.errors
 
 from unetflow import resume
-from unetflow.errors import ConfigError, InputFormatError, InputNotFoundError, OutputExistsError, OutputWriteError, ShapeError
+from unetflow.errors import ConfigError, InputFormatError, OutputExistsError, OutputWriteError, ShapeError
 from unetflow.geometry import Box, Shape, mirror_indices
 
 log = logging.getLogger(__name__)
 
 CHANNEL_NAMES = ("c", "ch", "channel", "channels")
-
-
-def open_input(path: str | os.PathLike[str], *, level: int | None = None) -> Any:
-    """Open an input read-only: a Zarr (v2 or v3) array, by path or ``store.zarr/group/array``.
-
-    Other formats go through :mod:`unetflow.formats` and come back as lazily sliceable
-    arrays with ``shape``, ``dtype``, ``chunks`` and ``dimension_names``: OME-Zarr
-    images at resolution *level*, TIFF / BigTIFF / OME-TIFF, a folder or glob of TIFF
-    slices, ``file.h5:/dataset`` and fsspec URLs (``s3://...``).
-
-    Raises
-    ------
-    InputNotFoundError
-        Nothing exists at *path*.
-    InputFormatError
-        *path* is a Zarr group, or not Zarr at all.
-    """
-    path = str(path)
-    from unetflow import formats
-    from unetflow.formats import omezarr
-
-    if formats.is_special(path):
-        return formats.open_image(path, level=level)
-    if not os.path.exists(path):
-        raise InputNotFoundError(f"input {path} does not exist; check the path (a Zarr array, or store.zarr/group/array)")
-    try:
-        node = zarr.open(store=path, mode="r")
-    except (FileNotFoundError, zarr.errors.BaseZarrError, ValueError, KeyError) as err:
-        raise InputFormatError(
-            f"input {path} is not a Zarr array ({type(err).__name__}); convert it to Zarr first or name the array inside the store"
-        ) from None
-    if isinstance(node, zarr.Group) and omezarr.is_ome(node):
-        return omezarr.open_level(path, level=level)
-    if level not in (None, 0):
-        raise InputFormatError(f"input {path} is one Zarr array, not a multiscale image; leave out --level {level}")
-    if isinstance(node, zarr.Group):
-        names = sorted(name for name, _ in node.arrays())[:5]
-        hint = f"; it holds arrays {names}, name one as {path}/{names[0]}" if names else "; name an array inside it"
-        raise InputFormatError(f"input {path} is a Zarr group, not an array{hint}")
-    return node
 
 
 @dataclass(frozen=True)
@@ -451,9 +411,9 @@ def write_box(array: zarr.Array, box: Box, data: np.ndarray, *, channel_axis: bo
     array[index] = data
 
 
-def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Shape, dtype, chunks, shards, codecs, dimension names and attributes of an array."""
-    array = open_input(path)
+def describe(array: Any, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Shape, dtype, chunks, shards, codecs, dimension names and attributes of an opened
+    array (see :func:`unetflow.formats.describe`)."""
     if not isinstance(array, zarr.Array):
         return array.describe()
     meta = array.metadata

@@ -121,7 +121,7 @@ def verdict(stages: dict[str, float], wall: float, *, gpu: bool, lanes: int = 1,
 
 
 def summary(results: Sequence[Any]) -> dict[str, Any]:
-    """Totals over a run's blocks (:class:`unetflow.infer.BlockResult`): seconds per stage,
+    """Totals over a run's blocks (:class:`unetflow.job.BlockResult`): seconds per stage,
     per worker and in all, skips, peak RSS per worker, the model's busy fraction and the verdict."""
     ran = [r for r in results if not r.skipped]
     total = {k: round(sum(r.stages.get(k, 0.0) for r in ran), 3) for k in STAGES}

@@ -7,16 +7,67 @@
 - :mod:`.convert`: any input to Zarr v3 (or OME-Zarr), in parallel, bounded memory
 - :mod:`.preview`: a PNG of one slice with the prediction over the input
 
-:func:`open_image` is what :func:`unetflow.store.open_input` calls for every path
-that is not a local Zarr array; it returns a lazily sliceable array (a
-``zarr.Array`` or a :class:`~.base.ImageArray`). Format libraries are imported on use.
+:func:`open_input` opens any input path read-only: a local Zarr array or OME-Zarr
+level itself, anything else through :func:`open_image`; it returns a lazily sliceable
+array (a ``zarr.Array`` or a :class:`~.base.ImageArray`). Format libraries are
+imported on use. This room sits above :mod:`unetflow.store` (Zarr arrays: create,
+read boxes, write boxes), which never imports it.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
-from unetflow.errors import InputFormatError
+from unetflow import store
+from unetflow.errors import InputFormatError, InputNotFoundError
+
+
+def open_input(path: str | os.PathLike[str], *, level: int | None = None) -> Any:
+    """Open an input read-only: a Zarr (v2 or v3) array, by path or ``store.zarr/group/array``.
+
+    Other formats go through :mod:`unetflow.formats` and come back as lazily sliceable
+    arrays with ``shape``, ``dtype``, ``chunks`` and ``dimension_names``: OME-Zarr
+    images at resolution *level*, TIFF / BigTIFF / OME-TIFF, a folder or glob of TIFF
+    slices, ``file.h5:/dataset`` and fsspec URLs (``s3://...``).
+
+    Raises
+    ------
+    InputNotFoundError
+        Nothing exists at *path*.
+    InputFormatError
+        *path* is a Zarr group, or not Zarr at all.
+    """
+    path = str(path)
+    import zarr
+    import zarr.errors
+
+    from unetflow.formats import omezarr
+
+    if is_special(path):
+        return open_image(path, level=level)
+    if not os.path.exists(path):
+        raise InputNotFoundError(f"input {path} does not exist; check the path (a Zarr array, or store.zarr/group/array)")
+    try:
+        node = zarr.open(store=path, mode="r")
+    except (FileNotFoundError, zarr.errors.BaseZarrError, ValueError, KeyError) as err:
+        raise InputFormatError(
+            f"input {path} is not a Zarr array ({type(err).__name__}); convert it to Zarr first or name the array inside the store"
+        ) from None
+    if isinstance(node, zarr.Group) and omezarr.is_ome(node):
+        return omezarr.open_level(path, level=level)
+    if level not in (None, 0):
+        raise InputFormatError(f"input {path} is one Zarr array, not a multiscale image; leave out --level {level}")
+    if isinstance(node, zarr.Group):
+        names = sorted(name for name, _ in node.arrays())[:5]
+        hint = f"; it holds arrays {names}, name one as {path}/{names[0]}" if names else "; name an array inside it"
+        raise InputFormatError(f"input {path} is a Zarr group, not an array{hint}")
+    return node
+
+
+def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Shape, dtype, chunks, shards, codecs, dimension names and attributes of an input."""
+    return store.describe(open_input(path), path)
 
 
 def is_special(path: str | Sequence[str]) -> bool:

@@ -33,7 +33,7 @@ import numpy as np
 import zarr
 
 from unetflow.errors import InputFormatError
-from unetflow.formats import omeroot, remote
+from unetflow.formats import attach, omeroot, remote
 from unetflow.formats.base import ImageArray
 
 log = logging.getLogger(__name__)
@@ -157,17 +157,30 @@ def _unit(ms: dict[str, Any]) -> str | None:
 
 
 def wants_ome(path: str, *, ome: bool = False) -> bool:
-    """An OME-Zarr output: asked for with ``--ome`` or by a path ending in ``.ome.zarr``."""
-    return ome or str(path).rstrip("/").lower().endswith(".ome.zarr")
+    """An OME-Zarr output: asked for with ``--ome``, by a path ending in ``.ome.zarr``, or
+    by a path in an image's labels group (``IMAGE/labels/NAME``, :mod:`.attach`)."""
+    return ome or str(path).rstrip("/").lower().endswith(".ome.zarr") or attach.target(path) is not None
+
+
+def into_input(path: str) -> bool:
+    """Whether *path* names labels to write into an input image's ``labels`` group (:mod:`.attach`)."""
+    return attach.target(path) is not None
 
 
 def level0_path(path: str, *, kind: str) -> str:
-    """Where the block engine writes: the full-resolution array inside the OME-Zarr group."""
+    """Where the block engine writes: the full-resolution array inside the OME-Zarr group
+    (``OUTPUT/0`` for labels written into an input image's ``labels`` group)."""
+    if attach.target(path) is not None:
+        return os.path.join(path, "0")
     return os.path.join(path, "labels", LABEL_NAME, "0") if kind in LABEL_KINDS else os.path.join(path, "0")
 
 
 def viewer_path(path: str, *, kind: str, image: str) -> str:
-    """What to open in a viewer: the root, or the label image of a labels output without an image."""
+    """What to open in a viewer: the root, the label image of a labels output without an
+    image, or the input image that labels were written into (image + its labels)."""
+    into = attach.target(path)
+    if into is not None:
+        return into.image
     return os.path.join(path, "labels", LABEL_NAME) if kind in LABEL_KINDS and image == "none" else path
 
 
@@ -189,6 +202,9 @@ def prepare_output(path: str, *, kind: str, overwrite: bool, kinds: Sequence[str
     one of *kinds* (:func:`unetflow.store.clear_output`, issue 15)."""
     from unetflow import store
 
+    into = attach.target(path)
+    if into is not None:
+        return attach.prepare(into, overwrite=overwrite)
     store.clear_output(path, overwrite=overwrite, kinds=kinds)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     root = zarr.open_group(store=path, mode="w", zarr_format=3, attributes={"ome": {"version": NGFF_VERSION}})
@@ -287,10 +303,14 @@ def finish_prediction(path: str, *, kind: str, input_path: str, level: int | Non
     """:func:`finish_output` of a run's prediction, placed on the input level it was computed from.
 
     An OME-Zarr input gives level 0 its level's scale and translation, and the output
-    one level per input level from there on (whole subsampling factors only).
+    one level per input level from there on (whole subsampling factors only). Labels
+    written into the input's ``labels`` group get every input level (:func:`.attach.finish`).
     """
     import dataclasses
 
+    into = attach.target(path)
+    if into is not None:  # labels in the input's own labels group: on every input level's grid
+        return attach.finish(into, kind=kind, classes=contents.classes, class_names=contents.class_names)
     source = contents.source
     pyramid = omeroot.input_pyramid(input_path, level)
     frame = Frame(

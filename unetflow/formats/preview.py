@@ -100,10 +100,9 @@ def write_png(path: str, rgb: np.ndarray) -> None:
 def render(prediction: str, png: str, *, input_path: str | None = None, level: int | None = None, z: int | None = None,
            project: bool = False, channel: int | None = None, alpha: float = 0.5) -> dict[str, Any]:
     """Write *png*: one slice of *prediction* over its input (from the run's attributes, or *input_path*)."""
-    from unetflow import store
-    from unetflow.formats import omezarr
+    from unetflow.formats import omezarr, open_input
 
-    pred_array = store.open_input(omezarr.prediction_path(prediction))
+    pred_array = open_input(omezarr.prediction_path(prediction))
     meta = dict(getattr(pred_array, "attrs", {}) or {}).get("unetflow", {})
     config = meta.get("config", {})
     labels = meta.get("output", {}).get("kind") == "labels" or np.dtype(pred_array.dtype).kind in "ui" and "c" not in _names(pred_array)
@@ -111,7 +110,7 @@ def render(prediction: str, png: str, *, input_path: str | None = None, level: i
     source = input_path or config.get("input")
     image = None
     if source:
-        src = store.open_input(source, level=level if input_path else config.get("level"))
+        src = open_input(source, level=level if input_path else config.get("level"))
         image = plane(src, z=z, channel=0, project=project)
         if image.shape != pred.shape:  # a prediction level or a valid net's smaller output: show it alone
             image = None

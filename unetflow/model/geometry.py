@@ -353,3 +353,20 @@ class UNetGeometry:
             "receptive_radius": self.receptive_radius,
             "tile_origin_multiple": self.input_multiple,
         }
+
+
+# Activation values kept per voxel and first-level channel at each level of a forward
+# pass (the two convolutions' outputs, the skip, the up-convolution and the
+# concatenation going up, ReLUs in place): the one estimate of activation memory.
+ACTIVATIONS_PER_CHANNEL = 6
+
+
+def activation_bytes(width: int, depth: int, patch: tuple[int, ...], *, itemsize: int = 4) -> int:
+    """Bytes of activations of one patch through a U-Net of *width* and *depth*.
+
+    >>> activation_bytes(8, 0, (4, 4))
+    3072
+    """
+    voxels = math.prod(patch)
+    dims = len(patch)
+    return sum(ACTIVATIONS_PER_CHANNEL * width * 2**lvl * voxels // 2 ** (dims * lvl) for lvl in range(depth + 1)) * itemsize

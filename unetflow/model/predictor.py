@@ -14,12 +14,14 @@ import math
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
 
 from unetflow.errors import ConfigError
+from unetflow.geometry import NetGeometry
+from unetflow.model.geometry import activation_bytes
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,23 @@ class CheckpointSource:
         return {"kind": "checkpoint", "path": os.path.abspath(self.path)}
 
 
+def model_source(path: str, *, trust_code: bool = False) -> NetSource:
+    """The source for ``--model PATH``: a bioimage.io package (a .zip holding an
+    rdf.yaml, the yaml, or a folder; :mod:`unetflow.model.zoo`) or a unetflow checkpoint."""
+    from unetflow.model import zoo
+
+    if zoo.is_package(path):
+        return zoo.PackageSource(path, trust_code=trust_code)
+    from unetflow.errors import InputNotFoundError
+
+    if os.path.isdir(path):
+        raise InputNotFoundError(f"model folder {path} holds no rdf.yaml or bioimageio.yaml; pass a unetflow checkpoint (.pt) "
+                                 "or a bioimage.io package (.zip, rdf.yaml or its unpacked folder)")
+    if not os.path.exists(path) and path.endswith((".zip", ".yaml")):
+        raise InputNotFoundError(f"model package {path} does not exist; check the path")
+    return CheckpointSource(path)
+
+
 @dataclass(frozen=True)
 class NetInfo:
     """What the driver and the block code need to know about a loaded network."""
@@ -53,7 +72,7 @@ class NetInfo:
     in_channels: int
     classes: int
     activation: str  # softmax, sigmoid or none
-    geometry: Any
+    geometry: NetGeometry
 
 
 def net_info(net: torch.nn.Module) -> NetInfo:
@@ -74,7 +93,7 @@ def pick_device(device: str) -> torch.device:
 def torch_huge_pages() -> bool:
     """Whether torch's large CPU buffers (activations) lie in mappings eligible for
     transparent huge pages (``THPeligible: 1`` in ``/proc/self/smaps``, checked on a
-    probe buffer): see :func:`unetflow.worker.tune_allocator`."""
+    probe buffer): see :func:`unetflow.tuning.tune_allocator`."""
     probe = torch.empty(8 * 2**20, dtype=torch.uint8)
     address = probe.data_ptr()
     try:
@@ -212,20 +231,34 @@ _PREDICTORS: dict[tuple[Any, str, bool, bool], Predictor] = {}
 
 
 def get_predictor(source: Any, *, device: str = "auto", amp: bool | None = None, threads: int = 0, compile: bool = False) -> Predictor:
-    """The worker's resident predictor for *source*: loaded on first use, then reused."""
+    """The worker's resident predictor for *source*: loaded on first use, then reused.
+
+    On a CPU it runs its patches side by side, one torch thread each, which beat one
+    patch on all threads (conv3d scales poorly across threads: BENCHMARKS.md): this sets
+    torch's intra-op threads to 1 in the worker's process. A run whose blocks compute in
+    the caller's process gives the caller its threads back (:func:`torch_threads_kept`).
+    """
     dev = pick_device(device)
     use_amp = (dev.type == "cuda") if amp is None else bool(amp)
     key = (source, str(dev), use_amp, compile)
+    if dev.type == "cpu":
+        torch.set_num_threads(1)
     if key not in _PREDICTORS:
-        lanes = 1
-        if dev.type == "cpu":
-            # Patches side by side, one torch thread each, beat one patch on all threads
-            # (conv3d scales poorly across threads: BENCHMARKS.md, issue 6).
-            lanes = threads if threads > 0 else (os.cpu_count() or 1)
-            torch.set_num_threads(1)
+        lanes = 1 if dev.type != "cpu" else threads if threads > 0 else (os.cpu_count() or 1)
         log.debug("loading model %s on %s (pid %d)", source, dev, os.getpid())
         _PREDICTORS[key] = Predictor(source.load(), device=dev, amp=use_amp, compile=compile, lanes=lanes)
     return _PREDICTORS[key]
+
+
+@contextlib.contextmanager
+def torch_threads_kept() -> Iterator[None]:
+    """Restore torch's intra-op thread count on exit: blocks that run in this process set it
+    to 1 (:func:`get_predictor`), and the process is the caller's, not the run's."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def auto_batch_size(predictor: Predictor, patch: tuple[int, ...], requested: int) -> int:
@@ -239,7 +272,5 @@ def auto_batch_size(predictor: Predictor, patch: tuple[int, ...], requested: int
     spec = getattr(predictor.net, "spec", None)
     width = getattr(spec, "width", 32)
     depth = getattr(spec, "depth", 4)
-    voxels = math.prod(patch)
-    per_patch = sum(6 * width * 2**lvl * voxels // 2 ** (len(patch) * lvl) for lvl in range(depth + 1))
-    per_patch *= 2 if predictor.amp else 4
+    per_patch = activation_bytes(width, depth, patch, itemsize=2 if predictor.amp else 4)
     return int(max(1, min(64, free // 2 // max(per_patch, 1))))

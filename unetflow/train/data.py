@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from unetflow import store
+from unetflow import formats, store
 from unetflow.config import NormSpec
 from unetflow.errors import ShapeError
 from unetflow.geometry import Box
-from unetflow.infer import normalise, norm_stats
+from unetflow.values import normalise, norm_stats
 from unetflow.train.augment import elastic, intensity_jitter, random_flip_rot
 from unetflow.train.losses import class_balance_weights, weight_map
 from unetflow.train.targets import INTERIOR, instance_to_classes, is_instance_labels
@@ -46,11 +46,11 @@ def open_pairs(pairs: tuple[tuple[str, str], ...], *, dims: int, in_channels: in
     """Open every pair, check shapes and channels, split, and measure intensity statistics."""
     out = []
     for image_path, labels_path in pairs:
-        image = store.open_input(image_path)
+        image = formats.open_input(image_path)
         layout = store.layout_for(image, dims, name=image_path)
         if layout.channels != in_channels:
             raise ShapeError(f"training image {image_path} has {layout.channels} channel(s) but the model takes {in_channels}; pass --channels {layout.channels}")
-        labels = store.open_input(labels_path)
+        labels = formats.open_input(labels_path)
         if tuple(labels.shape) != layout.spatial_shape:
             raise ShapeError(f"labels {labels_path} have shape {tuple(labels.shape)} but image {image_path} has spatial shape {layout.spatial_shape}; give labels of the image's spatial shape")
         train_box, val_box = split(layout.spatial_shape, val_fraction)

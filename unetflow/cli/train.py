@@ -1,4 +1,4 @@
-"""Commands of the training side: train, sample, evaluate, demo (registered on ``unetflow``)."""
+"""Commands of the training side: train, sample, evaluate, demo."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import click
 
-from unetflow.cli import _setup_logging, _shape, friendly_errors, main
+from unetflow.cli.common import friendly_errors, setup_logging, shape_option
 
 
 def _pairs(args: tuple[str, ...]) -> tuple[tuple[tuple[str, str], ...], str]:
@@ -21,7 +21,7 @@ def _pairs(args: tuple[str, ...]) -> tuple[tuple[tuple[str, str], ...], str]:
     )
 
 
-@main.command(context_settings={"ignore_unknown_options": False})
+@click.command(context_settings={"ignore_unknown_options": False})
 @click.argument("args", nargs=-1, required=True)
 @click.option("--dims", type=click.Choice(["2", "3"]), default="2", show_default=True, help="Spatial dims of the U-Net.")
 @click.option("--padding", type=click.Choice(["valid", "same"]), default="same", show_default=True, help="valid: the paper's unpadded convolutions (exact tiling); same: blended tiling.")
@@ -71,7 +71,7 @@ def train(args: tuple[str, ...], dims: str, padding: str, depth: int, width: int
     from unetflow.config import ModelSpec, NormSpec, TrainSpec
     from unetflow.errors import OutputExistsError
 
-    _setup_logging(max(verbose, 1))
+    setup_logging(max(verbose, 1))
     pairs, model_path = _pairs(args)
     store.check_apart(model_path, [(kind, path) for pair in pairs for kind, path in zip(("image", "labels"), pair)] + [("--init model", init)],
                       what="model file")
@@ -86,7 +86,7 @@ def train(args: tuple[str, ...], dims: str, padding: str, depth: int, width: int
     spec = TrainSpec(
         pairs=pairs, output=model_path,
         model=ModelSpec(dims=int(dims), in_channels=channels, padding=padding, depth=depth, width=width, norm=NormSpec(kind=norm)),
-        targets=targets, patch_shape=_shape(patch_shape, "patch shape"), epochs=epochs, steps_per_epoch=steps_per_epoch,
+        targets=targets, patch_shape=shape_option(patch_shape, "patch shape"), epochs=epochs, steps_per_epoch=steps_per_epoch,
         batch_size=batch_size, learning_rate=learning_rate, loss=loss, w0=w0, sigma=sigma, elastic_strength=elastic_strength,
         val_fraction=val_fraction, seed=seed, resume=resume, init=init, device=device, amp=amp,
     )
@@ -98,7 +98,7 @@ def train(args: tuple[str, ...], dims: str, padding: str, depth: int, width: int
     click.echo(f"wrote {report.best} (best score {report.best_score:.4f}) and {report.last}; last epoch: {json.dumps(best)}")
 
 
-@main.command()
+@click.command()
 @click.argument("path")
 @click.option("--dims", type=click.Choice(["2", "3"]), default="3", show_default=True)
 @click.option("--shape", default=None, help="Image shape (default 48,128,128 for 3-D, 512,512 for 2-D).")
@@ -113,12 +113,12 @@ def sample(path: str, dims: str, shape: str | None, seed: int, overwrite: bool) 
     """
     from unetflow.sample import write_sample
 
-    size = _shape(shape, "shape") or ((48, 128, 128) if dims == "3" else (512, 512))
+    size = shape_option(shape, "shape") or ((48, 128, 128) if dims == "3" else (512, 512))
     info = write_sample(path, size, seed=seed, overwrite=overwrite)
     click.echo(f"wrote {path}/raw and {path}/labels: shape {list(size)}, {info['objects']} objects")
 
 
-@main.command()
+@click.command()
 @click.argument("prediction")
 @click.argument("truth")
 @click.option("--json", "as_json", is_flag=True)
@@ -140,7 +140,7 @@ def evaluate(prediction: str, truth: str, as_json: bool) -> None:
         click.echo(f"{key:18s} {value:.4f}" if isinstance(value, float) else f"{key:18s} {value}")
 
 
-@main.command()
+@click.command()
 @click.option("--out", "out_dir", default="unetflow-demo", show_default=True, help="Folder for the demo's files (re-used and refreshed on every run).")
 @click.option("--shape", default="48,128,128", show_default=True, help="Sample volume shape.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Local Dask workers.")
@@ -150,7 +150,7 @@ def demo(out_dir: str, shape: str, workers: int, seed: int) -> None:
     """The one-minute first run: sample volume -> bundled model on a local cluster -> scores and a PNG."""
     from unetflow.demo import run_demo
 
-    _setup_logging(0)
-    result = run_demo(out_dir, _shape(shape, "shape"), workers=workers, seed=seed)
+    setup_logging(0)
+    result = run_demo(out_dir, shape_option(shape, "shape"), workers=workers, seed=seed)
     for key, value in result.items():
         click.echo(f"{key:18s} {value:.4f}" if isinstance(value, float) else f"{key:18s} {value}")

@@ -1,0 +1,3 @@
+from unetflow.cli import main
+
+main()
