@@ -12,7 +12,8 @@ The rule (the same in memory and blockwise, so the two agree up to renumbering):
    (``border``): a voxel takes the label of its first labelled face neighbour in a
    fixed order (-z, +z, -y, +y, -x, +x), so ties are broken by geometry, not by ids.
 
-Blockwise (``unetflow segment --output instances``), after the GPU blocks:
+Blockwise (``unetflow segment --output instances``; the phases are run, resumably, by
+:mod:`unetflow.instances`):
 
 - phase 1 (in each block): components of the block's interior, numbered 1..n locally,
   border voxels marked with :data:`BORDER`, written to a scratch array;
@@ -26,15 +27,11 @@ Blockwise (``unetflow segment --output instances``), after the GPU blocks:
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
 
 import numpy as np
 
-from unetflow import store
 from unetflow.errors import ConfigError
 from unetflow.geometry import Box
-from unetflow.plan import Plan
 
 BACKGROUND, INTERIOR, BORDER_CLASS = 0, 1, 2
 INSTANCE_CLASSES = ("background", "interior", "border")  # the class names of a model trained on instance labels
@@ -179,62 +176,3 @@ def relabel_and_grow(scratch: np.ndarray, table: np.ndarray, halo_box: Box, writ
     merged = table[ids.astype(np.int64)]
     grown = grow(merged, foreground)
     return grown[write_box.relative_to(halo_box).to_slices()]
-
-
-# ---- blockwise phases (run on workers through schedule.run_blocks) ----
-
-
-@dataclass(frozen=True)
-class LabelJob:
-    """What phases 3 and 4 need: the scratch of local ids, block offsets, the merge table."""
-
-    scratch_path: str
-    output_path: str
-    plan: Plan
-    offsets: np.ndarray
-    table: np.ndarray | None = None
-
-
-def read_global(job: LabelJob, box: Box) -> np.ndarray:
-    """Global ids over *box* (clipped to the image; outside stays 0), block by block."""
-    scratch = store.open_output(job.scratch_path)
-    out = np.zeros(box.shape, dtype=np.uint64)
-    inside = box.intersect(job.plan.total_box)
-    if inside.is_empty():
-        return out
-    first = [o // b for o, b in zip(inside.offset, job.plan.block_shape)]
-    last = [(s - 1) // b for s, b in zip(inside.stop, job.plan.block_shape)]
-    for pos in itertools.product(*(range(a, b + 1) for a, b in zip(first, last))):
-        block_id = int(np.ravel_multi_index(pos, job.plan.grid))
-        part = job.plan.block(block_id).write_box.intersect(inside)
-        data = np.asarray(scratch[part.to_slices()])
-        out[part.relative_to(box).to_slices()] = to_global(data, int(job.offsets[block_id]))
-    return out
-
-
-def block_face_pairs(job: LabelJob, block_id: int) -> np.ndarray:
-    """Phase 3 for one block: id pairs across its upper face on every axis."""
-    write = job.plan.block(block_id).write_box
-    found = [np.zeros((0, 2), dtype=np.uint64)]
-    for axis in range(write.ndim):
-        if write.stop[axis] >= job.plan.image_shape[axis]:
-            continue
-        plane = list(write.shape)
-        plane[axis] = 1
-        lower = Box(tuple(write.stop[a] - 1 if a == axis else write.offset[a] for a in range(write.ndim)), tuple(plane))
-        upper = lower.shift(tuple(1 if a == axis else 0 for a in range(write.ndim)))
-        found.append(face_pairs(_ids(read_global(job, lower)), _ids(read_global(job, upper))))
-    return np.concatenate(found)
-
-
-def _ids(a: np.ndarray) -> np.ndarray:
-    return np.where(a == BORDER, np.uint64(0), a)
-
-
-def block_relabel(job: LabelJob, block_id: int) -> int:
-    """Phase 4 for one block: merged ids grown into the border, written to the output."""
-    write = job.plan.block(block_id).write_box
-    halo = write.grow(GROW_STEPS).intersect(job.plan.total_box)
-    final = relabel_and_grow(read_global(job, halo), job.table, halo, write)
-    store.write_box(store.open_output(job.output_path), write, final, channel_axis=False)
-    return block_id

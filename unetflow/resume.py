@@ -7,6 +7,7 @@ outside the store, so Zarr listings of an OME-Zarr group never meet it; a new ou
     <output>.unetflow/
       run.json                 fingerprint of the settings and model that made the output
       done/<block_id>.json     one marker per finished block, written after its write
+      instances/               the phases of --output instances after the blocks (unetflow.instances)
       lock.json                the run writing now (lock.part-3-of-8.json for --part 3/8)
       report.json              the last run's report (report.part-3-of-8.json for parts)
       logs/                    cluster job logs (dask-jobqueue)
@@ -165,6 +166,11 @@ class RunDir:
     def log_dir(self) -> Path:
         return self.path / "logs"
 
+    @property
+    def instances_dir(self) -> Path:
+        """Phases 2-4 of ``--output instances`` (see :mod:`unetflow.instances`)."""
+        return self.path / "instances"
+
     def done_blocks(self) -> set[int]:
         """Ids of blocks whose marker exists."""
         try:
@@ -183,6 +189,7 @@ class RunDir:
         if not self.path.is_dir():
             return
         shutil.rmtree(self.done_dir, ignore_errors=True)
+        shutil.rmtree(self.instances_dir, ignore_errors=True)
         for path in [self.run_file, self.path / "ome-finished", *self.path.glob("report*.json")]:
             path.unlink(missing_ok=True)
         for path in self.path.glob("lock*.json"):
@@ -305,12 +312,15 @@ class Outcome:
 class MarkDone:
     """``fn(job, block_id)``, then the block's done marker: what workers run.
 
-    Picklable when *fn* is a module-level function.
+    *record*, when given, adds fields of the block's result to its marker (the object
+    count of an instances block, which numbering reads back). Picklable when *fn* and
+    *record* are module-level functions.
     """
 
     fn: Callable[[Any, int], Any]
     done_dir: str
     run_id: str
+    record: Callable[[Any], dict[str, Any]] | None = None
 
     def __call__(self, job: Any, block_id: int) -> Outcome:
         try:
@@ -318,6 +328,8 @@ class MarkDone:
             host, pid = socket.gethostname(), os.getpid()
             job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID") or os.environ.get("LSB_JOBID") or os.environ.get("JOB_ID")
             marker = {"block_id": block_id, "run_id": self.run_id, "host": host, "pid": pid, "job_id": job_id, "finished": _now()}
+            if self.record is not None:
+                marker.update(self.record(result))
             write_json(Path(self.done_dir) / f"{block_id}.json", marker)
         except OSError as err:
             if err.errno not in STORAGE_ERRNOS:

@@ -14,15 +14,14 @@ import json
 import logging
 import os
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
-import numpy as np
 
-from unetflow import output, report, resume, schedule, store, telemetry, tuning
+from unetflow import instances, output, report, resume, schedule, store, telemetry, tuning
 from unetflow.config import RunConfig
-from unetflow.errors import BlockFailedError, ConfigError, OutputWriteError
+from unetflow.errors import BlockFailedError, OutputWriteError
 from unetflow.infer import cancel_blocks, run_block
-from unetflow.job import BlockJob, BlockResult
+from unetflow.job import BlockJob
 from unetflow.model.predictor import NetSource, torch_threads_kept
 from unetflow.report import RunReport
 from unetflow.resolve import RunPlan, check_room, input_stats, make_job, resolve
@@ -56,11 +55,6 @@ def segment(config: RunConfig, *, source: NetSource | None = None, progress: boo
     if config.dry_run:
         return rep
     check_room(p)
-    if p.output.kind == "instances" and (config.resume or config.part):
-        raise ConfigError(
-            "--resume and --part are not supported with --output instances yet (labelling needs every block's "
-            "components in one run); run without them, or resume --output labels/probabilities"
-        )
     run_dir = resume.RunDir(config.output)
     own = dispatch is None
     with (schedule.Dispatcher(config.cluster, log_directory=str(run_dir.log_dir), tuned=config.tuning) if own else contextlib.nullcontext(dispatch) as d,
@@ -91,7 +85,8 @@ def _segment(p: RunPlan, rep: RunReport, run_dir: resume.RunDir, dispatch: sched
         t0 = time.perf_counter()
         try:
             with _closing(dispatch, always=close):
-                failures = _run_blocks(p, job, todo, rep, dispatch, resume.MarkDone(run_block, str(run_dir.done_dir), lock.holder["token"]),
+                record = instances.block_record if p.output.kind == "instances" else None  # numbering reads the counts back
+                failures = _run_blocks(p, job, todo, rep, dispatch, resume.MarkDone(run_block, str(run_dir.done_dir), lock.holder["token"], record),
                                        progress=progress)
         except OutputWriteError as err:  # a full or read-only output: the run stops at the first block that met it
             rep.failures = [{"error": str(err)}]
@@ -124,7 +119,7 @@ def _run_blocks(p: RunPlan, job: BlockJob, todo: list[int], rep: RunReport, disp
 
         failures = dispatch(fn, job, todo, on_result=on_result)
         if p.output.kind == "instances" and not failures:
-            label_instances(p, job, rep.results, dispatch)
+            label_instances(p, resume.RunDir(p.config.output), dispatch, fn.run_id)
     return failures
 
 
@@ -147,25 +142,14 @@ def _closing(dispatch: schedule.Dispatcher, *, always: bool) -> Iterator[None]:
         dispatch.close()
 
 
-def label_instances(p: RunPlan, job: BlockJob, results: Sequence[BlockResult], dispatch: Any) -> int:
-    """Phases 2-4 of :mod:`unetflow.label`: offsets, merge across faces, relabel and grow."""
-    from unetflow import label
-
-    counts = np.zeros(p.plan.n_blocks, dtype=np.int64)
-    for r in results:
-        counts[r.block_id] = r.objects
-    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.uint64)
-    lj = label.LabelJob(job.output_path, os.path.abspath(output.output_array_path(p.config, p.output.kind)), p.plan, offsets)
-    pairs: list[np.ndarray] = []
-    ids = list(range(p.plan.n_blocks))
-    schedule.raise_failures(dispatch(label.block_face_pairs, lj, ids, on_result=pairs.append), len(ids))
-    table = label.merge_table(int(counts.sum()), np.concatenate(pairs).astype(np.int64) if pairs else np.zeros((0, 2), np.int64))
-    lj = label.LabelJob(lj.scratch_path, lj.output_path, p.plan, offsets, table)
-    schedule.raise_failures(dispatch(label.block_relabel, lj, ids, on_result=lambda _: None), len(ids))
-    store.remove(lj.scratch_path)
-    n = int(table.max()) if len(table) else 0
-    log.info("instances: %d local components merged into %d objects", int(counts.sum()), n)
-    return n
+def label_instances(p: RunPlan, run_dir: resume.RunDir, dispatch: Any, token: str) -> None:
+    """Phases 2-4 of instances (:func:`unetflow.instances.label`), once every block of
+    every part is done: a ``--part`` job leaves them to the final ``--resume``."""
+    if p.config.part is not None:
+        log.info("part %d/%d done; label the instances with `unetflow segment ... --resume` once every part has finished", *p.config.part)
+        return
+    out = os.path.abspath(output.output_array_path(p.config, p.output.kind))
+    instances.label(p.plan, run_dir=run_dir, scratch=output.scratch_path(p.config.output), output=out, dispatch=dispatch, token=token)
 
 
 def train(spec: Any, *, progress: bool = True) -> Any:

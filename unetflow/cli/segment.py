@@ -66,8 +66,8 @@ def setting_option(*decls: str, path: str, **kwargs: Any) -> Callable[[Any], Any
 @setting_option("--level", path="level", type=int, help="Resolution level of a multiscale INPUT (OME-Zarr, pyramidal OME-TIFF); 0 is full resolution.")
 @click.option("-v", "--verbose", count=True, help="-v: a log line per block; -vv: debug.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="YAML run config (cluster, tiling, output, device); see pipelines/configs/. Flags given on the command line override it.")
-@setting_option("--resume", path="resume", is_flag=True, help="Finish an existing output: skip blocks with a done marker, after checking it was made with the same settings and model. Takes over the stale lock of a dead run.")
-@setting_option("--part", path="part", help="i/n: compute only every n-th block starting at block i-1; n independent jobs with --part 1/n .. n/n write one output together.")
+@setting_option("--resume", path="resume", is_flag=True, help="Finish an existing output: skip blocks with a done marker, after checking it was made with the same settings and model. Takes over the stale lock of a dead run. With --output instances every labelling phase resumes too, from the files it left in OUTPUT.unetflow/instances/ (a merge cut short restarts from its pair files).")
+@setting_option("--part", path="part", help="i/n: compute only every n-th block starting at block i-1; n independent jobs with --part 1/n .. n/n write one output together. With --output instances a part runs only the GPU blocks: a final run with --resume (no --part) labels the instances once every part has finished (a CPU pass over every block, a merge on the driver, a second pass that writes the output).")
 @setting_option("--tuning/--no-tuning", path="tuning", show_default=True, help="Apply unetflow's allocator and Dask housekeeping settings (glibc trim and mmap thresholds, transparent huge pages for torch, a slower Dask memory monitor) to this process and to the workers it starts. Measured on a 2-core CPU machine only (docs/performance.md); off, every process keeps the system's defaults.")
 @friendly_errors
 def segment(input_path: str, output_path: str, model: str, progress: bool, verbose: int, config_file: str | None, **params: Any) -> None:
@@ -110,6 +110,8 @@ def segment(input_path: str, output_path: str, model: str, progress: bool, verbo
         f"({report.voxels_per_second:.3g} voxels/s); report in {RunDir(output_path).path}/"
     )
     click.echo(f"telemetry: {report.telemetry.get('verdict', '')}")
+    if config.part and config.output_settings.kind == "instances":
+        click.echo("GPU blocks of this part done; once every part has finished, run this command with --resume instead of --part to label the instances")
     from unetflow.formats.omezarr import viewer_path, wants_ome
 
     if wants_ome(output_path, ome=config.output_settings.ome):
