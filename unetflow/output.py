@@ -13,7 +13,7 @@ import time
 from typing import Any, Iterator, Sequence
 
 import unetflow
-from unetflow import instances, preflight, resume, store
+from unetflow import preflight, resume, store
 from unetflow.config import RunConfig, to_dict
 from unetflow.errors import OutputExistsError, OutputWriteError, UnetflowError
 from unetflow.resolve import RunPlan, is_ome
@@ -124,7 +124,7 @@ def finish_ome(p: RunPlan, run_dir: resume.RunDir, *, blocks_done: int) -> None:
     finished = run_dir.path / "ome-finished"
     if not is_ome(p.config) or len(run_dir.done_blocks()) < p.plan.n_blocks or (finished.exists() and not blocks_done):
         return
-    if p.output.kind == "instances" and not instances.complete(run_dir):  # after the labelling (a --part leaves it)
+    if p.output.kind == "instances" and not run_dir.instances_finished.exists():  # after the labelling (a --part leaves it)
         return
     from unetflow.formats import omezarr
 

@@ -171,6 +171,11 @@ class RunDir:
         """Phases 2-4 of ``--output instances`` (see :mod:`unetflow.instances`)."""
         return self.path / "instances"
 
+    @property
+    def instances_finished(self) -> Path:
+        """Written once every phase of ``--output instances`` has finished."""
+        return self.instances_dir / "finished.json"
+
     def done_blocks(self) -> set[int]:
         """Ids of blocks whose marker exists."""
         try:
