@@ -86,7 +86,7 @@ class Folder:
 
     @property
     def finished(self) -> Path:
-        return self.path / "finished.json"  # = resume.RunDir.instances_finished
+        return self.path / resume.INSTANCES_FINISHED
 
 
 def block_record(result: Any) -> dict[str, Any]:

@@ -62,6 +62,9 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     return json.loads(Path(path).read_text())
 
 
+INSTANCES_FINISHED = "finished.json"  # the instances phases' last marker (unetflow.instances.Folder.finished)
+
+
 def part_suffix(part: tuple[int, int] | None) -> str:
     return f".part-{part[0]}-of-{part[1]}" if part else ""
 
@@ -174,7 +177,7 @@ class RunDir:
     @property
     def instances_finished(self) -> Path:
         """Written once every phase of ``--output instances`` has finished."""
-        return self.instances_dir / "finished.json"
+        return self.instances_dir / INSTANCES_FINISHED
 
     def done_blocks(self) -> set[int]:
         """Ids of blocks whose marker exists."""

@@ -12,7 +12,7 @@ import torch
 from unetflow.blend import TensorPool
 from unetflow.config import NormSpec
 from unetflow.telemetry import Clock
-from unetflow.values import _uploadable, normalise_tensor
+from unetflow.values import uploadable, normalise_tensor
 
 MAX_PENDING_WRITES = 2  # at least this many slabs queued for the writers (write threads + 1)
 _HOST_BUFFERS = TensorPool(keep=MAX_PENDING_WRITES + 1)  # rows and converted planes (CPU)
@@ -37,7 +37,7 @@ class Transfers:
     def upload(self, parts: list[np.ndarray], norm: NormSpec, stats: tuple[tuple[float, float], ...], *,
                slab: int = 0) -> tuple[torch.Tensor, Any]:
         """Raw *parts* (consecutive along axis 1 of one row) -> the normalised row on the device."""
-        parts = [_uploadable(p) for p in parts]
+        parts = [uploadable(p) for p in parts]
         shape = (parts[0].shape[0], sum(p.shape[1] for p in parts), *parts[0].shape[2:])
         if not self.cuda:
             row = _HOST_BUFFERS.take(shape, torch.float32)

@@ -40,10 +40,10 @@ def normalise_tensor(raw: torch.Tensor, norm: NormSpec, stats: tuple[tuple[float
 
 def normalise(data: np.ndarray, norm: NormSpec, stats: tuple[tuple[float, float], ...]) -> np.ndarray:
     """Raw input (C, ...) ndarray -> float32 ndarray: :func:`normalise_tensor` on the host."""
-    return normalise_tensor(torch.from_numpy(_uploadable(data)), norm, stats).numpy()
+    return normalise_tensor(torch.from_numpy(uploadable(data)), norm, stats).numpy()
 
 
-def _uploadable(data: np.ndarray) -> np.ndarray:
+def uploadable(data: np.ndarray) -> np.ndarray:
     data = np.ascontiguousarray(data)
     return data if data.dtype in _UPLOAD_DTYPES else data.astype(np.float32)
 

@@ -40,7 +40,7 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def shape_option(value: str | None, what: str) -> tuple[int, ...] | None:
+def parse_shape_arg(value: str | None, what: str) -> tuple[int, ...] | None:
     if value is None:
         return None
     from unetflow.config import parse_shape

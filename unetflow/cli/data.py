@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from unetflow.cli.common import friendly_errors, setup_logging, shape_option
+from unetflow.cli.common import friendly_errors, setup_logging, parse_shape_arg
 
 
 @click.command()
@@ -62,9 +62,9 @@ def convert(inputs: tuple[str, ...], output_path: str, chunks: str | None, shard
     store.check_apart(output_path, [("input", path) for path in inputs])  # before --overwrite could remove an input (issue 15)
     store.check_writable(output_path)
     source = formats.open_input(inputs[0], level=level) if len(inputs) == 1 else _slices(list(inputs))
-    total = conv.n_units(source.shape, shape_option(chunks, "chunks"), shape_option(shards, "shards"))
+    total = conv.n_units(source.shape, parse_shape_arg(chunks, "chunks"), parse_shape_arg(shards, "shards"))
     with tqdm(total=total, unit="chunk" if not shards else "shard", disable=not progress, dynamic_ncols=True) as bar:
-        out = conv.convert(source, output_path, chunks=shape_option(chunks, "chunks"), shards=shape_option(shards, "shards"), workers=workers,
+        out = conv.convert(source, output_path, chunks=parse_shape_arg(chunks, "chunks"), shards=parse_shape_arg(shards, "shards"), workers=workers,
                            overwrite=overwrite, ome=ome, on_progress=bar.update)
     click.echo(f"wrote {output_path}: shape {tuple(out.shape)} {out.dtype}, chunks {tuple(out.chunks)}")
 

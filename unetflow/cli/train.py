@@ -6,7 +6,7 @@ import json
 
 import click
 
-from unetflow.cli.common import friendly_errors, setup_logging, shape_option
+from unetflow.cli.common import friendly_errors, setup_logging, parse_shape_arg
 
 
 def _pairs(args: tuple[str, ...]) -> tuple[tuple[tuple[str, str], ...], str]:
@@ -87,7 +87,7 @@ def train(args: tuple[str, ...], dims: str, padding: str, depth: int, width: int
     spec = TrainSpec(
         pairs=pairs, output=model_path,
         model=ModelSpec(dims=int(dims), in_channels=channels, padding=padding, depth=depth, width=width, norm=NormSpec(kind=norm)),
-        targets=targets, patch_shape=shape_option(patch_shape, "patch shape"), epochs=epochs, steps_per_epoch=steps_per_epoch,
+        targets=targets, patch_shape=parse_shape_arg(patch_shape, "patch shape"), epochs=epochs, steps_per_epoch=steps_per_epoch,
         batch_size=batch_size, learning_rate=learning_rate, lr_schedule=lr_schedule, loss=loss, w0=w0, sigma=sigma, elastic_strength=elastic_strength,
         val_fraction=val_fraction, seed=seed, resume=resume, init=init, device=device, amp=amp,
     )
@@ -114,7 +114,7 @@ def sample(path: str, dims: str, shape: str | None, seed: int, overwrite: bool) 
     """
     from unetflow.sample import write_sample
 
-    size = shape_option(shape, "shape") or ((48, 128, 128) if dims == "3" else (512, 512))
+    size = parse_shape_arg(shape, "shape") or ((48, 128, 128) if dims == "3" else (512, 512))
     info = write_sample(path, size, seed=seed, overwrite=overwrite)
     click.echo(f"wrote {path}/raw and {path}/labels: shape {list(size)}, {info['objects']} objects")
 
@@ -152,6 +152,6 @@ def demo(out_dir: str, shape: str, workers: int, seed: int) -> None:
     from unetflow.demo import run_demo
 
     setup_logging(0)
-    result = run_demo(out_dir, shape_option(shape, "shape"), workers=workers, seed=seed)
+    result = run_demo(out_dir, parse_shape_arg(shape, "shape"), workers=workers, seed=seed)
     for key, value in result.items():
         click.echo(f"{key:18s} {value:.4f}" if isinstance(value, float) else f"{key:18s} {value}")
