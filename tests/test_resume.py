@@ -122,6 +122,22 @@ def test_resume_refuses_other_settings_or_model(tmp_path, image3d):
     assert report.blocks_done == 45 and report.blocks_skipped == 0
 
 
+def test_one_failure_message_for_blocks_and_labelling_phases():
+    from unetflow.schedule import BlockFailure, failure_message, raise_failures
+
+    failures = [BlockFailure(3, "ValueError: bad"), BlockFailure(7, "OSError: gone")]
+    assert failure_message(failures, 9) == (
+        "2 of 9 blocks failed (ids [3, 7]); first: block 3: ValueError: bad; "
+        "fix the cause and rerun with --resume to redo only the failed blocks"
+    )
+    assert failure_message(failures, 9, where=lambda b: f"at {b * 2}", details="r.json").startswith(
+        "2 of 9 blocks failed (ids [3, 7]); first: block 3 at 6: ValueError: bad; details in r.json; fix"
+    )
+    raise_failures([], 9)  # nothing failed: nothing raised
+    with pytest.raises(BlockFailedError, match=r"^2 of 9 blocks failed \(ids \[3, 7\]\)"):
+        raise_failures(failures, 9)
+
+
 @pytest.mark.parametrize("cluster", [ClusterSpec(kind="local", workers=2, retries=1), ClusterSpec(kind="inline")], ids=["local", "inline"])
 def test_failing_block_reported_others_finish_resume_redoes_it(tmp_path, cluster):
     data = random_image((16, 24, 16)).astype(np.float32)

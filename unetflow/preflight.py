@@ -1,11 +1,11 @@
 """Checks of a segmentation's settings before any work (issue 15): touches nothing.
 
-:func:`check` runs before the model loads or a cluster starts (the CLI calls it first,
-:func:`unetflow.resolve.resolve` again): where the output lies against the input, mask and
+:func:`check` runs once, before the model loads or a cluster starts (the CLI calls it
+first, else :func:`unetflow.run.segment` does): where the output lies against the input, mask and
 model; what ``--overwrite`` would remove; whether the output exists; whether its
 location is writable; whether the device exists. Torch is imported only when a GPU or
 a named device is asked for. Checks that need the image and the plan (zero-size
-inputs, room for the output) are in :mod:`unetflow.run`.
+inputs, room for the output) are in :mod:`unetflow.resolve`.
 """
 
 from __future__ import annotations

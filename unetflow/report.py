@@ -60,14 +60,13 @@ def failure_entry(p: RunPlan, failure: schedule.BlockFailure) -> dict[str, Any]:
             "traceback": failure.traceback}
 
 
-def failure_message(failures: Sequence[dict[str, Any]], total: int, output: str) -> str:
-    first = failures[0]
-    wb = first["write_box"]
-    return (
-        f"{len(failures)} of {total} blocks failed (ids {[f['block_id'] for f in failures][:10]}); first: block {first['block_id']} "
-        f"write box offset {wb['offset']} shape {wb['shape']}: {first['error']}; details in {resume.RunDir(output).report_file()}; "
-        "fix the cause and rerun with --resume to redo only the failed blocks"
-    )
+def failure_message(p: RunPlan, failures: Sequence[schedule.BlockFailure], total: int) -> str:
+    """The message of a run whose blocks failed: each block named by its write box."""
+    def where(block_id: int) -> str:
+        wb = p.plan.block(block_id).write_box
+        return f"write box offset {list(wb.offset)} shape {list(wb.shape)}"
+
+    return schedule.failure_message(failures, total, where=where, details=str(resume.RunDir(p.config.output).report_file()))
 
 
 def report_dict(p: RunPlan, report: RunReport, ident: dict[str, Any], n_blocks: int) -> dict[str, Any]:

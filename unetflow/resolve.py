@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from unetflow import finite, formats, preflight, schedule, store
+from unetflow import finite, formats, schedule, store
 from unetflow.config import ModelSpec, NormSpec, RunConfig, fit_shape
 from unetflow.errors import ConfigError, InputFormatError, OutputWriteError, ShapeError
 from unetflow.job import WRITE_THREADS, BlockJob, OutputSpec
@@ -56,7 +56,7 @@ class RunPlan:
     shard_shape: tuple[int, ...] | None
     output: OutputSpec
     source: NetSource
-    image: Any
+    image: store.ImageArray  # the input, at config.level
 
     def summary(self) -> dict[str, Any]:
         out = self.plan.summary()
@@ -76,8 +76,8 @@ class RunPlan:
 
 
 def resolve(config: RunConfig, *, source: NetSource | None = None) -> RunPlan:
-    """Check the input, the model and the settings; derive the plan. Touches nothing."""
-    preflight.check(config)
+    """Check the input, the model and the settings; derive the plan. Touches nothing.
+    The checks that need neither (:func:`unetflow.preflight.check`) come before it."""
     source = source or model_source(config.model, trust_code=config.trust_model_code)
     net = source.load()
     info = net_info(net)
@@ -109,7 +109,7 @@ def resolve(config: RunConfig, *, source: NetSource | None = None) -> RunPlan:
     return RunPlan(config, info, spec, norm, layout, plan, chunks, shards, output, source, array)
 
 
-def check_image(array: Any, layout: store.Layout, *, name: str) -> None:
+def check_image(array: store.ImageArray, layout: store.Layout, *, name: str) -> None:
     """Refuse an input with no voxels (an axis of length 0) or whose values are not real
     numbers (complex, strings, records): found here, not as a traceback in a block.
 

@@ -17,7 +17,7 @@ import time
 from typing import Any, Iterator
 
 
-from unetflow import instances, output, report, resume, schedule, store, telemetry, tuning
+from unetflow import instances, output, preflight, report, resume, schedule, store, telemetry, tuning
 from unetflow.config import RunConfig
 from unetflow.errors import BlockFailedError, OutputWriteError
 from unetflow.infer import cancel_blocks, run_block
@@ -29,7 +29,8 @@ from unetflow.resolve import RunPlan, check_room, input_stats, make_job, resolve
 log = logging.getLogger(__name__)
 
 
-def segment(config: RunConfig, *, source: NetSource | None = None, progress: bool = True, dispatch: schedule.Dispatcher | None = None) -> RunReport:
+def segment(config: RunConfig, *, source: NetSource | None = None, progress: bool = True, dispatch: schedule.Dispatcher | None = None,
+            checked: bool = False) -> RunReport:
     """Run a whole segmentation: check, plan, create the output, run every block, report.
 
     With ``config.resume`` (or ``config.part``) an existing output made with the same
@@ -42,6 +43,9 @@ def segment(config: RunConfig, *, source: NetSource | None = None, progress: boo
     running: then it is closed (a later dispatch starts a new cluster). By default the
     run opens its own and closes it before it releases the output's lock.
 
+    *checked*: :func:`unetflow.preflight.check` has passed for *config* already (the CLI
+    runs it before it starts a cluster); otherwise the run runs it first.
+
     Raises
     ------
     UnetflowError
@@ -50,6 +54,8 @@ def segment(config: RunConfig, *, source: NetSource | None = None, progress: boo
     """
     if config.tuning and not config.dry_run and schedule.computes_here(config.cluster):
         tuning.tune_allocator()  # before this process first allocates for torch (loading the model)
+    if not checked:
+        preflight.check(config)
     p = resolve(config, source=source)
     rep = RunReport(summary=p.summary())
     if config.dry_run:
@@ -57,13 +63,13 @@ def segment(config: RunConfig, *, source: NetSource | None = None, progress: boo
     check_room(p)
     run_dir = resume.RunDir(config.output)
     own = dispatch is None
-    with (schedule.Dispatcher(config.cluster, log_directory=str(run_dir.log_dir), tuned=config.tuning) if own else contextlib.nullcontext(dispatch) as d,
-          torch_threads_kept()):
+    d = schedule.Dispatcher(config.cluster, log_directory=str(run_dir.log_dir), tuned=config.tuning) if dispatch is None else dispatch
+    with d if own else contextlib.nullcontext(), torch_threads_kept():
         if schedule.starts_early(config):
             d.start()  # the cluster starts while the input statistics are sampled (a no-op when started already)
         failures, block_ids = _segment(p, rep, run_dir, d, progress=progress, close=own)
     if failures:
-        raise BlockFailedError(report.failure_message(rep.failures, len(block_ids), config.output))
+        raise BlockFailedError(report.failure_message(p, failures, len(block_ids)))
     return rep
 
 

@@ -221,12 +221,12 @@ def jobqueue_options(spec: ClusterSpec, *, log_directory: str | None = None, tun
     if resources:
         worker_args += ["--resources", ",".join(f"{k}={v:g}" for k, v in resources.items())]
     if spec.kind == "htcondor":  # HTCondor takes submit-file lines "key = value" as a dict
-        directives = dict(tuple(part.strip() for part in d.split("=", 1)) for d in directives)  # type: ignore[assignment]
+        submit = {key.strip(): value.strip() for key, value in (d.split("=", 1) for d in directives)}
     options: dict[str, Any] = {
         "cores": spec.cores,
         "processes": 1,
         "memory": spec.memory,
-        "job_extra_directives": directives,
+        "job_extra_directives": submit if spec.kind == "htcondor" else directives,
         "job_script_prologue": [f"export {k}={v!r}" for k, v in job_env(tuned).items()] + list(spec.job_script_prologue),
         "worker_extra_args": worker_args,
         "python": spec.python or sys.executable,
@@ -421,10 +421,19 @@ def _traceback_text(tb: Any) -> str:
     return "".join(traceback.format_tb(tb)) if tb is not None else ""
 
 
+def failure_message(failures: Sequence[BlockFailure], total: int, *, where: Callable[[int], str] | None = None,
+                    details: str | None = None) -> str:
+    """The one message for failed blocks (the probability blocks and the labelling phases):
+    how many, which, the first one's error (*where* describes a block), and the fix."""
+    first = failures[0]
+    at = f" {where(first.block_id)}" if where else ""
+    more = f"details in {details}; " if details else ""
+    return (
+        f"{len(failures)} of {total} blocks failed (ids {[f.block_id for f in failures][:10]}); first: block {first.block_id}{at}: "
+        f"{first.error}; {more}fix the cause and rerun with --resume to redo only the failed blocks"
+    )
+
+
 def raise_failures(failures: Sequence[BlockFailure], total: int) -> None:
     if failures:
-        first = failures[0]
-        raise BlockFailedError(
-            f"{len(failures)} of {total} blocks failed, first block {first.block_id}: {first.error}; "
-            "fix the cause and run again"
-        )
+        raise BlockFailedError(failure_message(failures, total))

@@ -141,7 +141,7 @@ def _segment(config: Any, *, progress: bool) -> Any:
     with schedule.Dispatcher.for_run(config, log_directory=str(RunDir(config.output).log_dir), start=files) as dispatch:
         from unetflow import run
 
-        return run.segment(config, progress=progress, dispatch=dispatch)
+        return run.segment(config, progress=progress, dispatch=dispatch, checked=True)
 
 
 def _print_plan(summary: dict[str, Any]) -> None:
