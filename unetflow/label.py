@@ -27,6 +27,7 @@ Blockwise (``unetflow segment --output instances``; the phases are run, resumabl
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -38,6 +39,7 @@ INSTANCE_CLASSES = ("background", "interior", "border")  # the class names of a 
 BORDER = np.uint64(np.iinfo(np.uint64).max)  # scratch marker: a border voxel, not yet labelled
 GROW_STEPS = 3
 INTERIOR_THRESHOLD = 0.8
+ArrayT = TypeVar("ArrayT")  # a numpy array or a torch tensor
 
 
 def check_instance_model(model: str, classes: int, class_names: tuple[str, ...] | None) -> None:
@@ -61,7 +63,7 @@ def check_instance_model(model: str, classes: int, class_names: tuple[str, ...] 
     )
 
 
-def instance_classes(probabilities: np.ndarray, interior_threshold: float = INTERIOR_THRESHOLD) -> np.ndarray:
+def instance_classes(probabilities: ArrayT, interior_threshold: float = INTERIOR_THRESHOLD) -> ArrayT:
     """Step 0, pointwise: (3, ...) class probabilities -> class map (uint8) for instances.
 
     The argmax, with ``interior`` voxels below *interior_threshold* demoted to
@@ -72,10 +74,12 @@ def instance_classes(probabilities: np.ndarray, interior_threshold: float = INTE
     >>> instance_classes(np.array([[0.1, 0.1, 0.8], [0.6, 0.8, 0.1], [0.3, 0.1, 0.1]])).tolist()
     [2, 1, 0]
     """
-    classes = probabilities.argmax(0)
-    classes[(classes == INTERIOR) & (probabilities[INTERIOR] < interior_threshold)] = BORDER_CLASS
+    values: Any = probabilities  # numpy and torch share the operations used here
+    classes = values.argmax(0)
+    classes[(classes == INTERIOR) & (values[INTERIOR] < interior_threshold)] = BORDER_CLASS
     # a numpy array here; the block engine passes a torch tensor on its device and casts it itself
-    return classes.astype(np.uint8) if isinstance(classes, np.ndarray) else classes
+    result: Any = classes.astype(np.uint8) if isinstance(classes, np.ndarray) else classes
+    return result
 
 
 def local_components(classes: np.ndarray) -> tuple[np.ndarray, int]:

@@ -17,10 +17,11 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import zarr
+import zarr.codecs
 import zarr.errors
 
 from unetflow import resume
@@ -30,6 +31,22 @@ from unetflow.geometry import Box, Shape, mirror_indices
 log = logging.getLogger(__name__)
 
 CHANNEL_NAMES = ("c", "ch", "channel", "channels")
+
+
+class ImageArray(Protocol):
+    """What a run reads from: a Zarr array, or a :mod:`unetflow.formats` reader (TIFF,
+    HDF5, an OME-Zarr level), sliced lazily with numpy indexing."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> Any: ...
+
+    @property
+    def chunks(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, key: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -45,7 +62,7 @@ class Layout:
         return len(self.spatial_shape)
 
 
-def layout_for(array: zarr.Array, dims: int, *, name: str) -> Layout:
+def layout_for(array: ImageArray, dims: int, *, name: str) -> Layout:
     """The channel/spatial layout of *array* for a model of *dims* spatial axes.
 
     Raises
@@ -68,12 +85,12 @@ def layout_for(array: zarr.Array, dims: int, *, name: str) -> Layout:
     )
 
 
-def _dimension_names(array: zarr.Array) -> tuple[str | None, ...] | None:
+def _dimension_names(array: ImageArray) -> tuple[str | None, ...] | None:
     names = getattr(array, "dimension_names", None) or getattr(getattr(array, "metadata", None), "dimension_names", None)
     return tuple(names) if names else None
 
 
-def read_box(array: zarr.Array, box: Box, *, layout: Layout, mode: str = "reflect", name: str = "") -> np.ndarray:
+def read_box(array: ImageArray | np.ndarray, box: Box, *, layout: Layout, mode: str = "reflect", name: str = "") -> np.ndarray:
     """Read *box* (spatial, may reach outside the image) as ndarray of shape (C, *box.shape).
 
     Voxels outside the image are mirrored (:func:`unetflow.geometry.mirror_indices`).
@@ -98,10 +115,10 @@ def read_box(array: zarr.Array, box: Box, *, layout: Layout, mode: str = "reflec
     data = np.asarray(data)
     if all(len(i) == b - a and (len(i) < 2 or i[1] > i[0]) for i, a, b in zip(index, lo, hi)):
         return data  # no voxel mirrored: the read is the box itself (a box wholly outside reads reversed)
-    return data[np.ix_(range(data.shape[0]), *[i - a for i, a in zip(index, lo)])]
+    return data[np.ix_(np.arange(data.shape[0]), *[i - a for i, a in zip(index, lo)])]
 
 
-def sample_voxels(array: zarr.Array, *, layout: Layout, max_chunks: int = 64, max_voxels: int = 2**22) -> np.ndarray:
+def sample_voxels(array: ImageArray, *, layout: Layout, max_chunks: int = 64, max_voxels: int = 2**22) -> np.ndarray:
     """Values from at most *max_chunks* evenly spread chunks, ndarray of shape (C, N).
 
     Used for intensity statistics without reading the whole image. Each chunk is read
@@ -423,7 +440,7 @@ def describe(array: Any, path: str | os.PathLike[str]) -> dict[str, Any]:
         "shape": list(array.shape),
         "dtype": str(array.dtype),
         "chunks": list(array.chunks),
-        "shards": list(array.shards) if getattr(array, "shards", None) else None,
+        "shards": list(shards) if (shards := getattr(array, "shards", None)) else None,
         "dimension_names": list(_dimension_names(array) or []) or None,
         "nbytes": int(array.nbytes),
         "attributes": dict(array.attrs),

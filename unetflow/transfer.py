@@ -31,8 +31,20 @@ class Transfers:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
-        self.up = torch.cuda.Stream(device) if self.cuda else None
-        self.down = torch.cuda.Stream(device) if self.cuda else None
+        self._up = torch.cuda.Stream(device) if self.cuda else None
+        self._down = torch.cuda.Stream(device) if self.cuda else None
+
+    @property
+    def up(self) -> torch.cuda.Stream:
+        """The upload stream (CUDA only)."""
+        assert self._up is not None, "no streams on a CPU"
+        return self._up
+
+    @property
+    def down(self) -> torch.cuda.Stream:
+        """The download stream (CUDA only)."""
+        assert self._down is not None, "no streams on a CPU"
+        return self._down
 
     def upload(self, parts: list[np.ndarray], norm: NormSpec, stats: tuple[tuple[float, float], ...], *,
                slab: int = 0) -> tuple[torch.Tensor, Any]:

@@ -77,6 +77,7 @@ def convert_values(values: torch.Tensor, output: OutputSpec, out: torch.Tensor |
     ``probabilities`` in a dtype (uint8: x255, rounded half to even, clipped); ``labels``:
     the argmax; ``instances``: the class map of :func:`unetflow.label.instance_classes`.
     """
+    result: torch.Tensor
     if output.kind == "instances":
         result = instance_classes(values, output.interior_threshold)
     elif output.kind == "labels":

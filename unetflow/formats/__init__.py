@@ -23,7 +23,7 @@ from unetflow import store
 from unetflow.errors import InputFormatError, InputNotFoundError
 
 
-def open_input(path: str | os.PathLike[str], *, level: int | None = None) -> Any:
+def open_input(path: str | os.PathLike[str], *, level: int | None = None) -> store.ImageArray:
     """Open an input read-only: a Zarr (v2 or v3) array, by path or ``store.zarr/group/array``.
 
     Other formats go through :mod:`unetflow.formats` and come back as lazily sliceable

@@ -77,11 +77,12 @@ class NetInfo:
 
 def net_info(net: torch.nn.Module) -> NetInfo:
     """Describe a UNet (it has ``.spec``) or an oracle net (it has plain attributes)."""
+    described: Any = net  # the attributes below are the nets' own, not torch.nn.Module's
     spec = getattr(net, "spec", None)
     if spec is not None:
         activation = "softmax" if spec.classes > 1 else "sigmoid"
-        return NetInfo(spec.dims, spec.in_channels, spec.classes, activation, net.geometry)
-    return NetInfo(net.dims, net.in_channels, net.classes, net.activation, net.geometry)
+        return NetInfo(spec.dims, spec.in_channels, spec.classes, activation, described.geometry)
+    return NetInfo(described.dims, described.in_channels, described.classes, described.activation, described.geometry)
 
 
 def pick_device(device: str) -> torch.device:
@@ -138,7 +139,7 @@ class Predictor:
         self.memory_format = torch.preserve_format
         if device.type == "cuda":
             self.memory_format = torch.channels_last_3d if self.info.dims == 3 else torch.channels_last
-            self.net = self.net.to(memory_format=self.memory_format)
+            self.net = self.net.to(memory_format=self.memory_format)  # type: ignore[call-overload]  # torch's stubs omit it
         self.amp_dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
         self.forward = torch.compile(self.net, dynamic=False) if compile else self.net
 
@@ -246,12 +247,11 @@ def forward_tta(forward: Any, x: torch.Tensor) -> torch.Tensor:
     Costs one forward pass per flip. Each flip is its own inverse, and for a ``same``
     net or a ``valid`` net (symmetric margin) the output stays aligned with the input.
     """
-    total = None
-    for axes in flip_sets(x.ndim - 2):
-        y = forward(torch.flip(x, axes) if axes else x)
-        y = torch.flip(y, axes) if axes else y
-        total = y if total is None else total + y
-    return total / len(flip_sets(x.ndim - 2))
+    flips = flip_sets(x.ndim - 2)
+    total: torch.Tensor = forward(x)  # flips[0] is no flip
+    for axes in flips[1:]:
+        total = total + torch.flip(forward(torch.flip(x, axes)), axes)
+    return total / len(flips)
 
 
 def out_of_memory(device: torch.device, batch: int, patch: tuple[int, ...]) -> ConfigError:
