@@ -154,6 +154,17 @@ def table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def tuning_lines(results: dict[str, Any]) -> list[str]:
+    """What ``--tuning`` bought in this run, per output dtype (best runs, Mvox/s)."""
+    parts = []
+    for dtype, r in results.items():
+        if r.get("ceiling") and r.get("ceiling_tuned"):
+            a, b = (best(r[k]) for k in ("ceiling", "ceiling_tuned"))
+            va, vb = a["voxels"] / a["seconds"] / 1e6, b["voxels"] / b["seconds"] / 1e6
+            parts.append(f"{dtype} {va:.1f} -> {vb:.1f} Mvox/s ({vb / va:.2f}x)")
+    return [f"- what `--tuning` bought here (docs/performance.md): {'; '.join(parts)}"] if parts else []
+
+
 def write_report(path: Path, results: dict[str, Any], *, device: str, command: str, shape: tuple[int, ...]) -> None:
     section = f"## Pipeline ceiling ({'GPU' if device == 'cuda' else 'CPU'}):"
     lines = [
@@ -167,6 +178,9 @@ def write_report(path: Path, results: dict[str, Any], *, device: str, command: s
         "- method: `bench/ceiling.py` (its docstring); each row is the best of its runs, all runs listed",
         "",
         *table(results),
+        "",
+        *tuning_lines(results),
+        "- not measured: other machine classes, other chunk and patch shapes, `--workers` > 0 (the ceiling is one block in the driver)",
     ]
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if section in text:

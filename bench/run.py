@@ -284,6 +284,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.out}")
 
 
+def tuning_lines(compare: dict[str, Any], workers: int) -> list[str]:
+    """What ``--tuning`` bought in this run: the tuned rows against the same runs untuned."""
+    pairs = [(k, f"{k}_tuned", label) for k, label in (("unetflow_1", "1 worker (threads)"), (f"unetflow_{workers}", f"{workers} worker processes"))]
+    parts = [f"{label} {compare[a]['seconds']:.1f} s -> {compare[b]['seconds']:.1f} s ({compare[a]['seconds'] / compare[b]['seconds']:.2f}x)"
+             for a, b, label in pairs if a in compare and b in compare]
+    return [f"- what `--tuning` bought here (docs/performance.md): {'; '.join(parts)}"] if parts else []
+
+
 def write_report(path: Path, compare: dict[str, Any], growth: list[Any], *, gpu: bool, command: str, workers: int,
                  shape: tuple[int, ...], width: int) -> None:
     floor_s = min(compare[k]["seconds"] for k in FLOORS if k in compare)  # the fastest one is the floor
@@ -302,6 +310,10 @@ def write_report(path: Path, compare: dict[str, Any], growth: list[Any], *, gpu:
         f"### Methods on {shape} ({shape[0] * shape[1] * shape[2] / 1e6:.1f} M voxels)",
         "",
         *compare_table(compare, floor_s, workers),
+        "",
+        *tuning_lines(compare, workers),
+        "- not measured: other machine classes (GPU nodes, many-core workstations, cluster nodes), "
+        "other chunk and patch shapes, trained models (the forward pass costs the same)",
         "",
         "### Growth (unetflow, 1 worker, defaults; the image grows along Z)",
         "",
