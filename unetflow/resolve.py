@@ -18,6 +18,7 @@ import numpy as np
 from unetflow import finite, formats, schedule, store
 from unetflow.config import ModelSpec, NormSpec, RunConfig, fit_shape
 from unetflow.errors import ConfigError, InputFormatError, OutputWriteError, ShapeError
+from unetflow.geometry import NetGeometry
 from unetflow.job import WRITE_THREADS, BlockJob, OutputSpec
 from unetflow.values import norm_stats
 from unetflow.model.geometry import activation_bytes
@@ -172,7 +173,7 @@ def default_patch(info: NetInfo, layout: store.Layout) -> tuple[int, ...]:
     return tuple(out)
 
 
-def smallest_valid_patch(geometry: Any, at_least: int) -> int:
+def smallest_valid_patch(geometry: NetGeometry, at_least: int) -> int:
     """The smallest input size >= *at_least* the net takes (and whose tile is not empty)."""
     for n in range(max(1, at_least), at_least + 8 * geometry.input_multiple + 4 * geometry.margin + 64):
         try:
@@ -292,7 +293,7 @@ def check_room(p: RunPlan) -> None:
                 figures, need / max(free, 1))
 
 
-def input_stats(samples: np.ndarray, norm: Any, *, nan_value: float | None, name: str) -> tuple[tuple[float, float], ...]:
+def input_stats(samples: np.ndarray, norm: NormSpec, *, nan_value: float | None, name: str) -> tuple[tuple[float, float], ...]:
     """Normalisation statistics of the sampled voxels (C, N), NaN and Inf left out.
 
     Without *nan_value* a sample holding NaN or Inf is refused (:func:`finite.check_samples`);
