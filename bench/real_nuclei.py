@@ -12,7 +12,8 @@ those rows (object matching at IoU 0.5, AP over IoU 0.5:0.05:0.95, see
 ``unetflow.evaluate``):
 
 - unetflow: ``unetflow train`` on the top rows (it holds out its own validation part
-  inside them), then ``unetflow segment --output instances`` on the held-out rows;
+  inside them), then ``unetflow segment --output instances`` on the held-out rows, once
+  per ``--seeds`` seed (every model is scored and listed: one lucky seed proves nothing);
   training is timed in wall seconds and in CPU seconds of the training process
   (``resource.getrusage(RUSAGE_CHILDREN)``), which stay meaningful on a shared machine;
 - Otsu + connected components, specks under 20 px dropped;
@@ -46,7 +47,7 @@ import classical  # noqa: E402  (bench/ is not a package on the path when run as
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Real data: unetflow train vs"  # the heading's start: this section replaces any earlier one
-TRAIN_ARGS = ["--dims", "2", "--depth", "3", "--width", "16", "--patch-shape", "96,96", "--batch-size", "4", "--seed", "0"]
+TRAIN_ARGS = ["--dims", "2", "--depth", "3", "--width", "16", "--patch-shape", "96,96", "--batch-size", "4"]
 
 
 def fetch(cache: str) -> tuple[np.ndarray, np.ndarray]:
@@ -80,9 +81,9 @@ def child_env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
 
 
-def train_unetflow(out: str, train_args: list[str]) -> dict[str, Any]:
+def train_unetflow(out: str, model: str, train_args: list[str]) -> dict[str, Any]:
     """``unetflow train`` on the training rows: wall and CPU seconds of the training process."""
-    args = ["train", f"{out}/train_raw.zarr", f"{out}/train_labels.zarr", f"{out}/model.pt", *train_args, "--no-progress", "--overwrite"]
+    args = ["train", f"{out}/train_raw.zarr", f"{out}/train_labels.zarr", model, *train_args, "--no-progress", "--overwrite"]
     before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     subprocess.run(unetflow_cli(args), check=True, env=child_env())
     wall, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -90,15 +91,26 @@ def train_unetflow(out: str, train_args: list[str]) -> dict[str, Any]:
     return {"command": "unetflow " + " ".join(args), "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1)}
 
 
-def segment_unetflow(out: str, segment_args: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
+def segment_unetflow(out: str, model: str, pred: str, segment_args: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
     from unetflow import formats
 
-    args = ["segment", f"{out}/test_raw.zarr", f"{out}/pred.zarr", "--model", f"{out}/model.pt", "--output", "instances",
+    args = ["segment", f"{out}/test_raw.zarr", pred, "--model", model, "--output", "instances",
             "--workers", "0", "--no-progress", "--overwrite", *segment_args]
     t0 = time.perf_counter()
     subprocess.run(unetflow_cli(args), check=True, env=child_env())
     info = {"command": "unetflow " + " ".join(args), "wall_seconds": round(time.perf_counter() - t0, 1)}
-    return np.asarray(formats.open_input(f"{out}/pred.zarr")[...]).astype(np.int64), info
+    return np.asarray(formats.open_input(pred)[...]).astype(np.int64), info
+
+
+def unetflow_runs(out: str, seeds: list[int], train_args: list[str], segment_args: list[str], truth: np.ndarray) -> list[dict[str, Any]]:
+    """Train and segment once per seed: the spread over seeds is part of the result."""
+    runs = []
+    for seed in seeds:
+        model, pred = f"{out}/model-seed{seed}.pt", f"{out}/pred-seed{seed}.zarr"
+        training = train_unetflow(out, model, [*train_args, "--seed", str(seed)])
+        labels, seg = segment_unetflow(out, model, pred, segment_args)
+        runs.append({"seed": seed, "training": training, "segment": seg, **scored(labels, truth)})
+    return runs
 
 
 def scored(labels: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
@@ -126,25 +138,33 @@ def classical_rows(img: np.ndarray, mask: np.ndarray, split: int) -> dict[str, A
 
 
 def table(result: dict[str, Any]) -> list[str]:
-    rows = [("unetflow (`segment --output instances`" + (", `--tta`" if "--tta" in result["segment"]["command"] else "") + ")", "unetflow"),
-            ("Otsu + distance watershed, tuned on the training rows", "otsu_watershed_tuned"),
-            ("Otsu + connected components, specks < 20 px dropped", "otsu_cc_min20px")]
+    runs = result["unetflow"]
+    tta = ", `--tta`" if "--tta" in runs[0]["segment"]["command"] else ""
+    rows = [(f"unetflow (`segment --output instances`{tta}), seed {r['seed']}", r) for r in runs]
+    rows += [("Otsu + distance watershed, tuned on the training rows", result["otsu_watershed_tuned"]),
+             ("Otsu + connected components, specks < 20 px dropped", result["otsu_cc_min20px"])]
     lines = ["| method | objects found | precision | recall | object F1 (IoU 0.5) | AP (IoU 0.5:0.95) | mean matched IoU | foreground IoU |",
              "|---|---|---|---|---|---|---|---|"]
-    for name, key in rows:
-        s = result[key]["scores"]
+    for name, r in rows:
+        s = r["scores"]
         lines.append(f"| {name} | {s['n_pred']:.0f} | {s['precision']:.3f} | {s['recall']:.3f} | **{s['f1']:.3f}** | {s['ap']:.3f} "
                      f"| {s['mean_matched_iou']:.3f} | {s['foreground_iou']:.3f} |")
-    lines += ["", "Per IoU threshold (unetflow / tuned watershed): F1", "",
-              "| IoU > | " + " | ".join(f"{r['threshold']:.2f}" for r in result["unetflow"]["per_threshold"]) + " |",
-              "|---|" + "---|" * len(result["unetflow"]["per_threshold"])]
-    for name, key in (("unetflow", "unetflow"), ("watershed", "otsu_watershed_tuned")):
-        lines.append(f"| {name} | " + " | ".join(f"{r['f1']:.3f}" for r in result[key]["per_threshold"]) + " |")
+    f1 = [r["scores"]["f1"] for r in runs]
+    lines += ["", f"unetflow over {len(runs)} seed(s): object F1 mean {np.mean(f1):.3f}, lowest {min(f1):.3f}, highest {max(f1):.3f}; "
+              f"AP mean {np.mean([r['scores']['ap'] for r in runs]):.3f}.",
+              "", "Per IoU threshold: F1", "",
+              "| IoU > | " + " | ".join(f"{r['threshold']:.2f}" for r in runs[0]["per_threshold"]) + " |",
+              "|---|" + "---|" * len(runs[0]["per_threshold"])]
+    per = [(f"unetflow, seed {r['seed']}", r) for r in runs] + [("watershed", result["otsu_watershed_tuned"])]
+    for name, r in per:
+        lines.append(f"| {name} | " + " | ".join(f"{t['f1']:.3f}" for t in r["per_threshold"]) + " |")
     return lines
 
 
 def write_section(path: Path, result: dict[str, Any], command: str) -> None:
-    t, ws = result["training"], result["otsu_watershed_tuned"]
+    runs, ws = result["unetflow"], result["otsu_watershed_tuned"]
+    cpu = [r["training"]["cpu_seconds"] / 60 for r in runs]
+    wall = [r["training"]["wall_seconds"] / 60 for r in runs]
     lines = [
         f"{SECTION} classical pipelines: {time.strftime('%Y-%m-%d')}", "",
         f"- machine: {platform.machine()} Linux, {os.cpu_count()} cores, CPU only, shared with other jobs (load average "
@@ -152,8 +172,9 @@ def write_section(path: Path, result: dict[str, Any], command: str) -> None:
         f"- command: `{command}`",
         f"- image: {result['image']}; rows 0-{result['split'] - 1} train, rows {result['split']}-511 are the held-out test part "
         f"({result['objects_in_test_part']} objects), seen by no method before scoring",
-        f"- unetflow training: `{t['command']}`: {t['cpu_seconds'] / 60:.1f} CPU-minutes, {t['wall_seconds'] / 60:.1f} wall minutes",
-        f"- unetflow segmentation: `{result['segment']['command']}`",
+        f"- unetflow training, once per seed ({', '.join(str(r['seed']) for r in runs)}): `{runs[0]['training']['command']}`: "
+        f"{min(cpu):.1f}-{max(cpu):.1f} CPU-minutes, {min(wall):.1f}-{max(wall):.1f} wall minutes per model",
+        f"- unetflow segmentation: `{runs[0]['segment']['command']}`",
         f"- watershed: grid {ws['grid']} searched on the training rows (best F1 there {ws['train_rows_f1']}, "
         f"{ws['tune_seconds']:.0f} s); chosen {ws['params']}",
         "", *table(result),
@@ -168,7 +189,8 @@ def write_section(path: Path, result: dict[str, Any], command: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--seeds", default="0,1,2", help="One model trained per seed; every one is scored and listed.")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--train-args", default="--lr-schedule cosine", help="More `unetflow train` flags (write --train-args=...).")
     ap.add_argument("--segment-args", default="--tta", help="More `unetflow segment` flags (write --segment-args=...; '' for none).")
@@ -187,12 +209,11 @@ def main() -> None:
     truth = mask[split:].astype(np.int64)
     load = os.getloadavg()[0]
     train_args = [*TRAIN_ARGS, "--epochs", str(args.epochs), "--steps", str(args.steps), *args.train_args.split()]
-    training = train_unetflow(out, train_args)
-    pred, seg = segment_unetflow(out, args.segment_args.split())
+    seeds = [int(s) for s in args.seeds.split(",")]
     result = {
         "image": "stardist img2d.tif / mask2d.tif (DSB 2018), 512x512", "split": split, "load_before": load,
-        "objects_in_test_part": int(len(np.unique(truth)) - 1), "training": training, "segment": seg,
-        "unetflow": scored(pred, truth), **classical_rows(img, mask, split),
+        "objects_in_test_part": int(len(np.unique(truth)) - 1),
+        "unetflow": unetflow_runs(out, seeds, train_args, args.segment_args.split(), truth), **classical_rows(img, mask, split),
     }
     print(json.dumps(result, indent=2))
     print("\n".join(table(result)))
