@@ -167,8 +167,8 @@ def write_section(path: Path, result: dict[str, Any], command: str) -> None:
     wall = [r["training"]["wall_seconds"] / 60 for r in runs]
     lines = [
         f"{SECTION} classical pipelines: {time.strftime('%Y-%m-%d')}", "",
-        f"- machine: {platform.machine()} Linux, {os.cpu_count()} cores, CPU only, shared with other jobs (load average "
-        f"{result['load_before']:.1f} before the run): training time is reported as CPU seconds of the training process as well as wall",
+        f"- machine: {platform.machine()} Linux, {os.cpu_count()} cores, CPU only, load average {result['load_before']:.1f} before the run; "
+        "training time is reported as CPU seconds of the training process (meaningful on a shared machine) as well as wall",
         f"- command: `{command}`",
         f"- image: {result['image']}; rows 0-{result['split'] - 1} train, rows {result['split']}-511 are the held-out test part "
         f"({result['objects_in_test_part']} objects), seen by no method before scoring",
