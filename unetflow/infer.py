@@ -160,7 +160,7 @@ def _run_block(job: BlockJob, block: Block, predictor: Predictor, clock: Clock) 
     def read_row(box: Box) -> tuple[torch.Tensor, Any]:
         with clock.host("read"):
             raw = rows(box)
-        with clock.device("upload", moves.up if moves.cuda else None):
+        with clock.device("upload", moves.up):
             return moves.upload(raw, job.norm, job.norm_stats, slab=slab)
 
     def convert(values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -220,13 +220,14 @@ def jobqueue_options(spec: ClusterSpec, *, log_directory: str | None = None, tun
     resources = worker_resources(spec)
     if resources:
         worker_args += ["--resources", ",".join(f"{k}={v:g}" for k, v in resources.items())]
+    extra: list[str] | dict[str, str] = directives
     if spec.kind == "htcondor":  # HTCondor takes submit-file lines "key = value" as a dict
-        submit = {key.strip(): value.strip() for key, value in (d.split("=", 1) for d in directives)}
+        extra = {key.strip(): value.strip() for key, value in (d.split("=", 1) for d in directives)}
     options: dict[str, Any] = {
         "cores": spec.cores,
         "processes": 1,
         "memory": spec.memory,
-        "job_extra_directives": submit if spec.kind == "htcondor" else directives,
+        "job_extra_directives": extra,
         "job_script_prologue": [f"export {k}={v!r}" for k, v in job_env(tuned).items()] + list(spec.job_script_prologue),
         "worker_extra_args": worker_args,
         "python": spec.python or sys.executable,

@@ -31,20 +31,8 @@ class Transfers:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
-        self._up = torch.cuda.Stream(device) if self.cuda else None
-        self._down = torch.cuda.Stream(device) if self.cuda else None
-
-    @property
-    def up(self) -> torch.cuda.Stream:
-        """The upload stream (CUDA only)."""
-        assert self._up is not None, "no streams on a CPU"
-        return self._up
-
-    @property
-    def down(self) -> torch.cuda.Stream:
-        """The download stream (CUDA only)."""
-        assert self._down is not None, "no streams on a CPU"
-        return self._down
+        self.up = torch.cuda.Stream(device) if self.cuda else None  # None on a CPU
+        self.down = torch.cuda.Stream(device) if self.cuda else None
 
     def upload(self, parts: list[np.ndarray], norm: NormSpec, stats: tuple[tuple[float, float], ...], *,
                slab: int = 0) -> tuple[torch.Tensor, Any]:
@@ -58,15 +46,16 @@ class Transfers:
                 normalise_tensor(torch.from_numpy(p), norm, stats, slab=slab, out=row[:, z : z + p.shape[1]])
                 z += p.shape[1]
             return row, None
-        uint16 = parts[0].dtype == np.uint16
-        with torch.cuda.stream(self.up):
+        uint16, up = parts[0].dtype == np.uint16, self.up
+        assert up is not None  # self.cuda
+        with torch.cuda.stream(up):
             x = torch.empty(shape, dtype=torch.int16 if uint16 else torch.from_numpy(parts[0][:0]).dtype, device=self.device)
             z = 0
             for p in parts:
                 x[:, z : z + p.shape[1]].copy_(torch.from_numpy(p.view(np.int16) if uint16 else p).pin_memory(), non_blocking=True)
                 z += p.shape[1]
             image = normalise_tensor(x, norm, stats, uint16_bits=uint16)
-            return image, self.up.record_event()
+            return image, up.record_event()
 
     def arrive(self, image: torch.Tensor, ready: Any) -> torch.Tensor:
         if ready is not None:
@@ -91,14 +80,15 @@ class Transfers:
     def download(self, values: torch.Tensor, clock: Clock | None = None) -> tuple[torch.Tensor, Any]:
         if not self.cuda:
             return values, None
-        computed = torch.cuda.current_stream(self.device).record_event()
-        with torch.cuda.stream(self.down):
-            self.down.wait_event(computed)  # timed after the wait: the copy alone
+        computed, down = torch.cuda.current_stream(self.device).record_event(), self.down
+        assert down is not None  # self.cuda
+        with torch.cuda.stream(down):
+            down.wait_event(computed)  # timed after the wait: the copy alone
             host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            with clock.device("download", self.down) if clock is not None else contextlib.nullcontext():
+            with clock.device("download", down) if clock is not None else contextlib.nullcontext():
                 host.copy_(values, non_blocking=True)
-            values.record_stream(self.down)
-            return host, self.down.record_event()
+            values.record_stream(down)
+            return host, down.record_event()
 
     @staticmethod
     def wait(ready: Any) -> None:
