@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import child  # noqa: E402
 from bench.run import machine, make_input, versions  # noqa: E402
+from bench.sections import replace_section  # noqa: E402
 
 PATCH = 64
 OVERLAP = 0.25
@@ -182,12 +183,7 @@ def write_report(path: Path, results: dict[str, Any], *, device: str, command: s
         *tuning_lines(results),
         "- not measured: other machine classes, other chunk and patch shapes, `--workers` > 0 (the ceiling is one block in the driver)",
     ]
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if section in text:
-        head, _, rest = text.partition(section)
-        nxt = rest.find("\n## ")
-        text = head + ("" if nxt < 0 else rest[nxt + 1 :])
-    path.write_text(text.rstrip() + "\n\n" + "\n".join(lines) + "\n")
+    replace_section(path, section, lines)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -42,10 +42,13 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import classical  # noqa: E402  (bench/ is not a package on the path when run as a script)
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import classical  # noqa: E402
+from bench.child import child_env  # noqa: E402
+from bench.sections import replace_section  # noqa: E402
+
 SECTION = "## Real data: unetflow train vs"  # the heading's start: this section replaces any earlier one
 TRAIN_ARGS = ["--dims", "2", "--depth", "3", "--width", "16", "--patch-shape", "96,96", "--batch-size", "4"]
 
@@ -75,10 +78,6 @@ def write(path: str, data: np.ndarray) -> None:
 def unetflow_cli(args: list[str]) -> list[str]:
     """The command line of ``unetflow ARGS`` in this python, with this checkout's unetflow first."""
     return [sys.executable, "-c", "from unetflow.cli import main; main()", *args]
-
-
-def child_env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
 
 
 def train_unetflow(out: str, model: str, train_args: list[str]) -> dict[str, Any]:
@@ -179,12 +178,7 @@ def write_section(path: Path, result: dict[str, Any], command: str) -> None:
         f"{ws['tune_seconds']:.0f} s); chosen {ws['params']}",
         "", *table(result),
     ]
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION in text:
-        head, _, rest = text.partition(SECTION)
-        nxt = rest.find("\n## ")
-        text = head + ("" if nxt < 0 else rest[nxt + 1 :])
-    path.write_text(text.rstrip() + "\n\n" + "\n".join(lines) + "\n")
+    replace_section(path, SECTION, lines)
 
 
 def main() -> None:

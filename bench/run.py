@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import child  # noqa: E402
 from bench.methods import METHODS, Case  # noqa: E402
+from bench.sections import replace_section  # noqa: E402
 
 
 FLOORS = ("floor", "floor_lanes", "floor_lanes_malloc")
@@ -327,13 +328,7 @@ def write_report(path: Path, compare: dict[str, Any], growth: list[Any], *, gpu:
             f"| {scale}x | {shp} | {f['seconds']:.2f} | {u['seconds']:.2f} | {u['seconds'] / f['seconds']:.2f} "
             f"| {u['seconds'] / (u['voxels'] / 1e6):.3f} | {mb(rss)} | {rss / base_rss:.2f} |"
         )
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by `python bench/run.py` (see README). Only measured figures.\n"
-    marker = f"## {section}:"
-    if marker in text:  # replace this section, keep the other device's
-        head, _, rest = text.partition(marker)
-        nxt = rest.find("\n## ")
-        text = head + ("" if nxt < 0 else rest[nxt + 1 :])
-    path.write_text(text.rstrip() + "\n\n" + "\n".join(lines) + "\n")
+    replace_section(path, f"## {section}:", lines)  # this device's section; the other device's stays
     (ROOT / "bench" / f"results-{section.lower()}.json").write_text(
         json.dumps({"compare": compare, "growth": [[g[0], g[1], g[2], g[3]] for g in growth]}, indent=1, default=str)
     )
