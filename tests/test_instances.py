@@ -28,7 +28,7 @@ def one_hot(classes, k=3):
 
 
 def soft_probabilities(classes, seed=0):
-    """Probabilities whose argmax is *classes*, with interior confidence 0.5..0.95 (never near 0.8)."""
+    """Probabilities whose argmax is *classes*, with interior confidence 0.5..0.95 (never near the 0.6 threshold)."""
     rng = np.random.default_rng(seed)
     top = np.where(classes == INTERIOR, rng.choice([0.5, 0.7, 0.9, 0.95], classes.shape), 0.9).astype(np.float32)
     rest = (1 - top) / 2
@@ -82,14 +82,14 @@ def test_grow_tie_break_is_geometric():
 
 def test_weak_interior_bridge_does_not_merge_touching_objects():
     # two 5x5 objects side by side (x 1..5 and 6..10): interior, a border seam of 2
-    # voxels, but the model is unsure at the seam (interior 0.6 > border 0.3): the
+    # voxels, but the model is unsure at the seam (interior 0.55 > border 0.35): the
     # argmax has one interior component; confident interior gives two, grown back
     classes = np.zeros((7, 12), dtype=np.uint8)
     classes[1:6, 1:11] = BORDER_CLASS
     classes[2:5, 2:5] = INTERIOR
     classes[2:5, 7:10] = INTERIOR
     probs = one_hot(classes) * 0.9 + 0.05
-    probs[:, 2:5, 5:7] = np.array([0.1, 0.6, 0.3])[:, None, None]  # the bridge
+    probs[:, 2:5, 5:7] = np.array([0.1, 0.55, 0.35])[:, None, None]  # the bridge, below the 0.6 threshold
     assert label_whole(probs.argmax(axis=0)).max() == 1  # merged
     labels = label_whole(instance_classes(probs))
     assert labels.max() == 2
@@ -108,9 +108,9 @@ def test_interior_threshold_setting_reaches_the_blocks():
     def spec(**kw):
         return output_spec(RunConfig(input="in.zarr", output="out.zarr", model="m.pt", output_settings=OutputSettings(kind="instances", **kw)), None)
 
-    assert spec().interior_threshold == INTERIOR_THRESHOLD == 0.8
+    assert spec().interior_threshold == INTERIOR_THRESHOLD == 0.6
     assert spec(interior_threshold=0.0).interior_threshold == 0.0
-    mapped = run_config_from_mapping({"output": {"kind": "instances", "interior_threshold": 0.6}}, input="a", output="b", model="c")
-    assert output_spec(mapped, None).interior_threshold == 0.6
+    mapped = run_config_from_mapping({"output": {"kind": "instances", "interior_threshold": 0.75}}, input="a", output="b", model="c")
+    assert output_spec(mapped, None).interior_threshold == 0.75
     with pytest.raises(ConfigError, match="interior threshold"):
         OutputSettings(kind="instances", interior_threshold=1.0)

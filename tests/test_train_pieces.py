@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from unetflow.errors import ConfigError, ShapeError
 from unetflow.sample import make_sample
 from unetflow.train.augment import apply_field, elastic, elastic_field, intensity_jitter, random_flip_rot
 from unetflow.train.data import PatchSpec, make_targets
 from unetflow.train.losses import class_balance_weights, soft_dice_loss, weight_map, weighted_cross_entropy
-from unetflow.train.targets import instance_to_classes, is_instance_labels
+from unetflow.label import GROW_STEPS, label_whole
+from unetflow.train.targets import CORE_DEPTH_MAX, instance_to_classes, is_instance_labels
 
 
 def touching_pairs(labels):
@@ -95,9 +97,39 @@ def test_touching_objects_get_a_border_on_each_side():
     labels[:, :4] = 1
     labels[:, 4:] = 2
     # no background at all; the image edge is not a border, the contact is
-    np.testing.assert_array_equal(instance_to_classes(labels, touch_width=1)[2], [1, 1, 1, 2, 2, 1, 1, 1])
+    np.testing.assert_array_equal(instance_to_classes(labels, touch_width=1, core=0)[2], [1, 1, 1, 2, 2, 1, 1, 1])
     # by default the contact border is 2 deep on each side
-    np.testing.assert_array_equal(instance_to_classes(labels)[2], [1, 1, 2, 2, 2, 2, 1, 1])
+    np.testing.assert_array_equal(instance_to_classes(labels, core=0)[2], [1, 1, 2, 2, 2, 2, 1, 1])
+
+
+def test_interior_is_the_core_of_each_object():
+    labels = np.zeros((40, 40), dtype=np.uint32)
+    yy, xx = np.mgrid[:40, :40]
+    labels[(yy - 12) ** 2 + (xx - 12) ** 2 <= 8**2] = 1  # a disc of radius 8
+    labels[(yy - 30) ** 2 + (xx - 30) ** 2 <= 3**2] = 2  # a small one
+    classes = instance_to_classes(labels)
+    for value, deepest in ((1, 65**0.5), (2, 10**0.5)):  # the depth of the disc's centre: to the nearest voxel outside
+        depth = ndimage.distance_transform_edt(labels == value)
+        assert depth.max() == pytest.approx(deepest, abs=0.01)
+        np.testing.assert_array_equal(classes[labels == value] == 1, depth[labels == value] > deepest / 2)
+    assert set(np.unique(classes[labels != 0])) == {1, 2} and (classes[labels == 0] == 0).all()
+
+
+def test_core_depth_is_capped_so_the_rule_grows_back_over_it():
+    yy, xx = np.mgrid[:50, :50]
+    labels = np.zeros((3, 50, 50), dtype=np.uint32)
+    labels[:, (yy - 25) ** 2 + (xx - 25) ** 2 <= 20**2] = 1  # a rod: depth 21 in y, x; z is cut by the image
+    classes = instance_to_classes(labels)                       # edge on both sides (mirrored: no border there)
+    np.testing.assert_array_equal(classes[1, 25, 5:12], [2, 2, 2, 2, 2, 1, 1])  # depth > CORE_DEPTH_MAX = 5
+    assert GROW_STEPS >= CORE_DEPTH_MAX * np.sqrt(3)
+    np.testing.assert_array_equal(label_whole(classes), labels)  # a round object grows back whole
+
+
+def test_an_object_cut_by_the_image_edge_keeps_its_core_at_the_edge():
+    labels = np.zeros((20, 20), dtype=np.uint32)
+    labels[0:6, 5:15] = 1  # cut by the top edge: mirrored, it is 12 deep and 10 wide
+    classes = instance_to_classes(labels)
+    np.testing.assert_array_equal(classes[0, 5:15], [2, 2, 1, 1, 1, 1, 1, 1, 2, 2])  # cut: all border
 
 
 def test_targets_3d_cube():

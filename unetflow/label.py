@@ -7,7 +7,9 @@ The rule (the same in memory and blockwise, so the two agree up to renumbering):
    below ``INTERIOR_THRESHOLD`` counts as ``border``: only confident interior seeds
    objects, so a faint interior bridge across the contact of two touching objects
    does not merge them;
-1. objects are the face-connected components of the ``interior`` class;
+1. objects are the face-connected components of the ``interior`` class (a model
+   trained by ``unetflow train`` on instance labels predicts each object's core as
+   interior: :func:`unetflow.train.targets.instance_to_classes`);
 2. each object then grows ``GROW_STEPS`` steps into the other foreground voxels
    (``border``): a voxel takes the label of its first labelled face neighbour in a
    fixed order (-z, +z, -y, +y, -x, +x), so ties are broken by geometry, not by ids.
@@ -27,19 +29,21 @@ Blockwise (``unetflow segment --output instances``; the phases are run, resumabl
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, overload
 
 import numpy as np
 
 from unetflow.errors import ConfigError
 from unetflow.geometry import Box
 
+if TYPE_CHECKING:
+    import torch
+
 BACKGROUND, INTERIOR, BORDER_CLASS = 0, 1, 2
 INSTANCE_CLASSES = ("background", "interior", "border")  # the class names of a model trained on instance labels
 BORDER = np.uint64(np.iinfo(np.uint64).max)  # scratch marker: a border voxel, not yet labelled
-GROW_STEPS = 3
-INTERIOR_THRESHOLD = 0.8
-ArrayT = TypeVar("ArrayT")  # a numpy array or a torch tensor
+GROW_STEPS = 9  # face steps; reaches over a border of CORE_DEPTH_MAX = 5 voxels (5 * sqrt(3) < 9)
+INTERIOR_THRESHOLD = 0.6
 
 
 def check_instance_model(model: str, classes: int, class_names: tuple[str, ...] | None) -> None:
@@ -63,7 +67,11 @@ def check_instance_model(model: str, classes: int, class_names: tuple[str, ...] 
     )
 
 
-def instance_classes(probabilities: ArrayT, interior_threshold: float = INTERIOR_THRESHOLD) -> ArrayT:
+@overload
+def instance_classes(probabilities: np.ndarray, interior_threshold: float = ...) -> np.ndarray: ...
+@overload
+def instance_classes(probabilities: torch.Tensor, interior_threshold: float = ...) -> torch.Tensor: ...
+def instance_classes(probabilities: np.ndarray | torch.Tensor, interior_threshold: float = INTERIOR_THRESHOLD) -> np.ndarray | torch.Tensor:
     """Step 0, pointwise: (3, ...) class probabilities -> class map (uint8) for instances.
 
     The argmax, with ``interior`` voxels below *interior_threshold* demoted to
@@ -71,15 +79,13 @@ def instance_classes(probabilities: ArrayT, interior_threshold: float = INTERIOR
     of 0 (or anything up to 1/3) is the plain argmax. One-hot input gives its classes back.
     Works on numpy arrays (uint8 out) and on torch tensors (the engine, on the device).
 
-    >>> instance_classes(np.array([[0.1, 0.1, 0.8], [0.6, 0.8, 0.1], [0.3, 0.1, 0.1]])).tolist()
+    >>> instance_classes(np.array([[0.1, 0.1, 0.8], [0.55, 0.8, 0.1], [0.35, 0.1, 0.1]])).tolist()
     [2, 1, 0]
     """
-    values: Any = probabilities  # numpy and torch share the operations used here
-    classes = values.argmax(0)
-    classes[(classes == INTERIOR) & (values[INTERIOR] < interior_threshold)] = BORDER_CLASS
-    # a numpy array here; the block engine passes a torch tensor on its device and casts it itself
-    result: Any = classes.astype(np.uint8) if isinstance(classes, np.ndarray) else classes
-    return result
+    classes = probabilities.argmax(0)
+    classes[(classes == INTERIOR) & (probabilities[INTERIOR] < interior_threshold)] = BORDER_CLASS
+    # numpy: uint8 here; the block engine passes a torch tensor on its device and casts it itself
+    return classes.astype(np.uint8) if isinstance(classes, np.ndarray) else classes
 
 
 def local_components(classes: np.ndarray) -> tuple[np.ndarray, int]:
