@@ -114,3 +114,34 @@ def test_interior_threshold_setting_reaches_the_blocks():
     assert output_spec(mapped, None).interior_threshold == 0.75
     with pytest.raises(ConfigError, match="interior threshold"):
         OutputSettings(kind="instances", interior_threshold=1.0)
+
+
+def _grow_reference(labels, foreground, steps):
+    """The rule's growth written plainly: every step, each unlabelled foreground voxel takes
+    its first labelled face neighbour of the previous step, in the order -z, +z, -y, +y, -x, +x."""
+    out = labels.copy()
+    for _ in range(steps):
+        prev = np.pad(out, 1)
+        new = out.copy()
+        for index in zip(*np.nonzero((out == 0) & foreground)):
+            at = tuple(i + 1 for i in index)
+            for axis in range(labels.ndim):
+                for shift in (-1, 1):
+                    near = list(at)
+                    near[axis] += shift
+                    if new[index] == 0 and prev[tuple(near)] != 0:
+                        new[index] = prev[tuple(near)]
+        out = new
+    return out
+
+
+@pytest.mark.parametrize("shape, steps", [((19, 33, 17), 9), ((19, 33, 17), 2), ((40, 37), 9), ((7,), 3)])
+def test_grow_matches_the_plain_rule(shape, steps):
+    from unetflow.label import grow
+
+    rng = np.random.default_rng(len(shape) + steps)
+    labels = np.where(rng.random(shape) < 0.03, rng.integers(1, 6, shape), 0).astype(np.uint64)
+    foreground = (rng.random(shape) < 0.7) | (labels != 0)
+    before = labels.copy()
+    np.testing.assert_array_equal(grow(labels, foreground, steps), _grow_reference(labels, foreground, steps))
+    np.testing.assert_array_equal(labels, before)  # the input is not changed in place

@@ -29,21 +29,19 @@ Blockwise (``unetflow segment --output instances``; the phases are run, resumabl
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, overload
+from typing import Any, TypeVar
 
 import numpy as np
 
 from unetflow.errors import ConfigError
 from unetflow.geometry import Box
 
-if TYPE_CHECKING:
-    import torch
-
 BACKGROUND, INTERIOR, BORDER_CLASS = 0, 1, 2
 INSTANCE_CLASSES = ("background", "interior", "border")  # the class names of a model trained on instance labels
 BORDER = np.uint64(np.iinfo(np.uint64).max)  # scratch marker: a border voxel, not yet labelled
 GROW_STEPS = 9  # face steps; reaches over a border of CORE_DEPTH_MAX = 5 voxels (5 * sqrt(3) < 9)
 INTERIOR_THRESHOLD = 0.6
+ArrayT = TypeVar("ArrayT")  # a numpy array or a torch tensor (torch stays out of this room)
 
 
 def check_instance_model(model: str, classes: int, class_names: tuple[str, ...] | None) -> None:
@@ -67,11 +65,7 @@ def check_instance_model(model: str, classes: int, class_names: tuple[str, ...] 
     )
 
 
-@overload
-def instance_classes(probabilities: np.ndarray, interior_threshold: float = ...) -> np.ndarray: ...
-@overload
-def instance_classes(probabilities: torch.Tensor, interior_threshold: float = ...) -> torch.Tensor: ...
-def instance_classes(probabilities: np.ndarray | torch.Tensor, interior_threshold: float = INTERIOR_THRESHOLD) -> np.ndarray | torch.Tensor:
+def instance_classes(probabilities: ArrayT, interior_threshold: float = INTERIOR_THRESHOLD) -> ArrayT:
     """Step 0, pointwise: (3, ...) class probabilities -> class map (uint8) for instances.
 
     The argmax, with ``interior`` voxels below *interior_threshold* demoted to
@@ -82,10 +76,12 @@ def instance_classes(probabilities: np.ndarray | torch.Tensor, interior_threshol
     >>> instance_classes(np.array([[0.1, 0.1, 0.8], [0.55, 0.8, 0.1], [0.35, 0.1, 0.1]])).tolist()
     [2, 1, 0]
     """
-    classes = probabilities.argmax(0)
-    classes[(classes == INTERIOR) & (probabilities[INTERIOR] < interior_threshold)] = BORDER_CLASS
-    # numpy: uint8 here; the block engine passes a torch tensor on its device and casts it itself
-    return classes.astype(np.uint8) if isinstance(classes, np.ndarray) else classes
+    values: Any = probabilities  # numpy and torch share the operations used here
+    classes = values.argmax(0)
+    classes[(classes == INTERIOR) & (values[INTERIOR] < interior_threshold)] = BORDER_CLASS
+    # a numpy array here; the block engine passes a torch tensor on its device and casts it itself
+    result: Any = classes.astype(np.uint8) if isinstance(classes, np.ndarray) else classes
+    return result
 
 
 def local_components(classes: np.ndarray) -> tuple[np.ndarray, int]:
@@ -101,34 +97,33 @@ def local_components(classes: np.ndarray) -> tuple[np.ndarray, int]:
 def grow(labels: np.ndarray, foreground: np.ndarray, steps: int = GROW_STEPS) -> np.ndarray:
     """Grow labelled voxels *steps* face-neighbour steps into unlabelled *foreground* voxels.
 
+    Each step, every unlabelled foreground voxel takes the label of its first labelled
+    face neighbour (as of the step before) in the order -z, +z, -y, +y, -x, +x. The work
+    of a step is proportional to the voxels still to label, not to the array: they are
+    kept as flat indices into a copy padded with one voxel of zeros, so every neighbour
+    is one index offset away.
+
     >>> grow(np.array([0, 5, 0, 0, 0]), np.array([1, 1, 1, 1, 0], bool), 2).tolist()
     [5, 5, 5, 5, 0]
     """
-    out = labels.copy()
+    padded = np.pad(labels, 1)
+    flat = padded.reshape(-1)
+    strides = [int(np.prod(padded.shape[axis + 1 :])) for axis in range(labels.ndim)]
+    offsets = [sign * stride for stride in strides for sign in (-1, 1)]  # -z, +z, -y, +y, -x, +x
+    todo = np.flatnonzero(np.pad((labels == 0) & foreground, 1))
     for _ in range(steps):
-        prev = out.copy()
-        todo = (prev == 0) & foreground
-        if not todo.any():
+        if not len(todo):
             break
-        for axis in range(labels.ndim):
-            for shift in (1, -1):  # neighbour at -1 first, then +1
-                cand = _shifted(prev, axis, shift)
-                take = todo & (cand != 0) & (out == 0)
-                out[take] = cand[take]
-    return out
-
-
-def _shifted(a: np.ndarray, axis: int, shift: int) -> np.ndarray:
-    """``a`` moved by *shift* along *axis* (value at i is a[i - shift]), zeros shifted in."""
-    out = np.zeros_like(a)
-    src = [slice(None)] * a.ndim
-    dst = [slice(None)] * a.ndim
-    if shift > 0:
-        src[axis], dst[axis] = slice(0, -shift), slice(shift, None)
-    else:
-        src[axis], dst[axis] = slice(-shift, None), slice(0, shift)
-    out[tuple(dst)] = a[tuple(src)]
-    return out
+        taken = np.zeros(len(todo), dtype=flat.dtype)
+        for offset in offsets:
+            open_ = taken == 0
+            taken[open_] = flat[todo[open_] + offset]
+        done = taken != 0
+        if not done.any():
+            break
+        flat[todo[done]] = taken[done]  # after all neighbours are read: each step sees the one before
+        todo = todo[~done]
+    return padded[(slice(1, -1),) * labels.ndim].copy()
 
 
 def label_whole(classes: np.ndarray) -> np.ndarray:
