@@ -125,6 +125,12 @@ def test_core_depth_is_capped_so_the_rule_grows_back_over_it():
     np.testing.assert_array_equal(label_whole(classes), labels)  # a round object grows back whole
 
 
+def test_core_targets_do_not_depend_on_the_ids():
+    _, labels = make_sample((40, 48), seed=2)
+    sparse = np.where(labels != 0, labels.astype(np.uint64) * 2**40 + 7, 0).astype(np.uint64)
+    np.testing.assert_array_equal(instance_to_classes(sparse), instance_to_classes(labels))
+
+
 def test_an_object_cut_by_the_image_edge_keeps_its_core_at_the_edge():
     labels = np.zeros((20, 20), dtype=np.uint32)
     labels[0:6, 5:15] = 1  # cut by the top edge: mirrored, it is 12 deep and 10 wide

@@ -94,6 +94,8 @@ def _cores(labels: np.ndarray, core: float) -> np.ndarray:
     padding), so an object cut by the edge keeps its core at the edge.
     """
     out = np.zeros(labels.shape, dtype=bool)
+    ids = np.unique(labels[labels != 0])
+    labels = np.where(labels != 0, np.searchsorted(ids, labels) + 1, 0)  # ids 1..n: any ids (2**40, sparse) allowed
     for value, found in enumerate(ndimage.find_objects(labels), start=1):
         if found is None:
             continue
