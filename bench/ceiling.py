@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import child  # noqa: E402
-from bench.run import machine, make_input, versions  # noqa: E402
-from bench.sections import replace_section  # noqa: E402
+from bench.run import make_input, versions  # noqa: E402
+from bench.sections import machine, replace_section  # noqa: E402
 
 PATCH = 64
 OVERLAP = 0.25

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,24 +25,18 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.sections import replace_section  # noqa: E402
+from bench.sections import machine, replace_section  # noqa: E402
 
 SECTION = "## Instances grow steps (CPU):"
 
 
-def main() -> None:
+def measure(block: int, steps: list[int], repeat: int) -> list[dict[str, float]]:
+    """Best-of-*repeat* seconds of :func:`unetflow.label.grow` per number of steps, on one block."""
     from unetflow.label import INTERIOR, grow
     from unetflow.sample import make_sample
     from unetflow.train.targets import instance_to_classes
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--block", type=int, default=128)
-    ap.add_argument("--steps", default="3,9")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--write", default=None, help="Rewrite this script's section of this Markdown file (BENCHMARKS.md).")
-    args = ap.parse_args()
-    steps = [int(s) for s in args.steps.split(",")]
-    edge = args.block + 2 * max(steps)
+    edge = block + 2 * max(steps)
     _, truth = make_sample((edge,) * 3, seed=0)
     classes = instance_to_classes(truth)
     seeds, _ = ndimage.label(classes == INTERIOR)
@@ -52,27 +45,42 @@ def main() -> None:
         cut = (slice(max(steps) - n, edge - max(steps) + n),) * 3  # the block and a halo of n
         labels, foreground = seeds[cut].astype(np.uint64), classes[cut] != 0
         times = []
-        for _ in range(args.repeat):
+        for _ in range(repeat):
             t0 = time.perf_counter()
             grow(labels, foreground, n)
             times.append(time.perf_counter() - t0)
         rows.append({"steps": n, "voxels": int(labels.size), "seconds": round(min(times), 3), "runs": [round(t, 3) for t in times]})
-    print(json.dumps(rows, indent=1))
+    return rows
+
+
+def table(rows: list[dict[str, float]], block: int) -> list[str]:
     lines = ["| grow steps | block + halo | seconds (best) | seconds per M voxels of the block |", "|---|---|---|---|"]
     for r in rows:
-        side = args.block + 2 * r["steps"]
-        lines.append(f"| {r['steps']} | {side}^3 | {r['seconds']:.3f} | {r['seconds'] / (args.block ** 3 / 1e6):.3f} |")
-    print("\n".join(lines))
+        lines.append(f"| {r['steps']} | {block + 2 * r['steps']}^3 | {r['seconds']:.3f} | {r['seconds'] / (block ** 3 / 1e6):.3f} |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--steps", default="3,9")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--write", default=None, help="Rewrite this script's section of this Markdown file (BENCHMARKS.md).")
+    args = ap.parse_args()
+    rows = measure(args.block, [int(s) for s in args.steps.split(",")], args.repeat)
+    print(json.dumps(rows, indent=1))
+    print("\n".join(table(rows, args.block)))
     if args.write:
-        head = [f"{SECTION} {time.strftime('%Y-%m-%d')}", "",
-                f"- machine: {platform.machine()} Linux, {os.cpu_count()} cores, CPU only, load average {os.getloadavg()[0]:.1f} after the run; "
-                f"numpy {np.__version__}",
-                f"- command: `python bench/grow_steps.py {' '.join(sys.argv[1:])}`",
-                f"- method: `bench/grow_steps.py` (its docstring): `unetflow.label.grow` on one {args.block}^3 block of synthetic nuclei "
-                "with the core target's classes, plus a halo of as many voxels as steps; one process, one thread, best of "
-                f"{args.repeat}", "", *lines, "",
-                "- not measured: a whole relabel phase on a cluster (it also reads the scratch and writes the output), 2-D blocks"]
-        replace_section(Path(args.write), SECTION, head)
+        replace_section(Path(args.write), SECTION, [
+            f"{SECTION} {time.strftime('%Y-%m-%d')}", "",
+            f"- machine: {machine(False)}, load average {os.getloadavg()[0]:.1f} after the run; numpy {np.__version__}",
+            f"- command: `python bench/grow_steps.py {' '.join(sys.argv[1:])}`",
+            f"- method: `bench/grow_steps.py` (its docstring): `unetflow.label.grow` on one {args.block}^3 block of synthetic nuclei "
+            f"with the core target's classes, plus a halo of as many voxels as steps; one process, one thread, best of {args.repeat}",
+            "", *table(rows, args.block), "",
+            "- not measured: a whole relabel phase on a cluster (it also reads the scratch and writes the output), 2-D blocks",
+        ])
+
 
 if __name__ == "__main__":
     main()

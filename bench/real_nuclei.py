@@ -30,7 +30,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -47,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import classical  # noqa: E402
 from bench.child import child_env  # noqa: E402
-from bench.sections import replace_section  # noqa: E402
+from bench.sections import machine, replace_section  # noqa: E402
 
 SECTION = "## Real data: unetflow train vs"  # the heading's start: this section replaces any earlier one
 TRAIN_ARGS = ["--dims", "2", "--depth", "3", "--width", "16", "--patch-shape", "96,96", "--batch-size", "4"]
@@ -166,7 +165,7 @@ def write_section(path: Path, result: dict[str, Any], command: str) -> None:
     wall = [r["training"]["wall_seconds"] / 60 for r in runs]
     lines = [
         f"{SECTION} classical pipelines: {time.strftime('%Y-%m-%d')}", "",
-        f"- machine: {platform.machine()} Linux, {os.cpu_count()} cores, CPU only, load average {result['load_before']:.1f} before the run; "
+        f"- machine: {machine(False)}, load average {result['load_before']:.1f} before the run; "
         "training time is reported as CPU seconds of the training process (meaningful on a shared machine) as well as wall",
         f"- command: `{command}`",
         f"- image: {result['image']}; rows 0-{result['split'] - 1} train, rows {result['split']}-511 are the held-out test part "

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import child  # noqa: E402
 from bench.methods import METHODS, Case  # noqa: E402
-from bench.sections import replace_section  # noqa: E402
+from bench.sections import machine, replace_section  # noqa: E402
 
 
 FLOORS = ("floor", "floor_lanes", "floor_lanes_malloc")
@@ -135,19 +135,6 @@ def versions() -> dict[str, str]:
         "monai": monai.__version__, "dask": dask.__version__, "distributed": distributed.__version__,
         "zarr": zarr.__version__, "numpy": numpy.__version__,
     }
-
-
-def machine(gpu: bool) -> str:
-    import psutil
-
-    text = f"{platform.machine()} Linux, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
-    if gpu:
-        import torch
-
-        text += f", GPU {torch.cuda.get_device_name(0)}"
-    else:
-        text += ", CPU only"
-    return text
 
 
 def mb(n: float) -> str:

@@ -1,7 +1,10 @@
-"""Each benchmark script owns one section of BENCHMARKS.md and rewrites only that one."""
+"""Each benchmark script owns one section of BENCHMARKS.md and rewrites only that one,
+with the machine it ran on."""
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 
 HEADER = "# Benchmarks\n"
@@ -31,3 +34,17 @@ def replace_section(path: Path, marker: str, lines: list[str], header: str = HEA
         nxt = rest.find("\n## ")
         text = head + ("" if nxt < 0 else rest[nxt + 1 :])
     path.write_text(text.rstrip() + "\n\n" + "\n".join(lines) + "\n")
+
+
+def machine(gpu: bool) -> str:
+    """The machine line of a section: architecture, cores, memory, and the GPU or "CPU only"."""
+    import psutil
+
+    text = f"{platform.machine()} Linux, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
+    if gpu:
+        import torch
+
+        text += f", GPU {torch.cuda.get_device_name(0)}"
+    else:
+        text += ", CPU only"
+    return text

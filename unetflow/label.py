@@ -108,18 +108,15 @@ def grow(labels: np.ndarray, foreground: np.ndarray, steps: int = GROW_STEPS) ->
     """
     padded = np.pad(labels, 1)
     flat = padded.reshape(-1)
-    strides = [int(np.prod(padded.shape[axis + 1 :])) for axis in range(labels.ndim)]
-    offsets = [sign * stride for stride in strides for sign in (-1, 1)]  # -z, +z, -y, +y, -x, +x
+    offsets = [sign * stride // padded.itemsize for stride in padded.strides for sign in (-1, 1)]  # -z, +z, -y, +y, -x, +x
     todo = np.flatnonzero(np.pad((labels == 0) & foreground, 1))
     for _ in range(steps):
-        if not len(todo):
-            break
         taken = np.zeros(len(todo), dtype=flat.dtype)
         for offset in offsets:
             open_ = taken == 0
             taken[open_] = flat[todo[open_] + offset]
         done = taken != 0
-        if not done.any():
+        if not done.any():  # nothing left to label, or nothing that can be reached
             break
         flat[todo[done]] = taken[done]  # after all neighbours are read: each step sees the one before
         todo = todo[~done]
